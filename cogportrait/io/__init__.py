@@ -1,0 +1,1 @@
+"""Media I/O: probe, streaming decode, encode, audio, atomic writes."""

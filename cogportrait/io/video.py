@@ -1,0 +1,189 @@
+"""Video probe, streaming decode and encode on PyAV.
+
+Decoding always streams frame by frame (memory flat in video length). Frame indices are
+positions in the decoded stream, derived from timestamps so that a seek lands on the same
+numbers as a decode from the start.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from cogportrait.io.atomic import atomic_path
+
+
+class VideoError(Exception):
+    """A video that cannot be used; ``reason`` is one of schema.REJECT_REASONS."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    fps: float
+    width: int
+    height: int
+    n_frames: int  # from the container (estimated from duration when the container has none)
+    duration_s: float
+    has_audio: bool
+    codec: str
+    start_time_s: float  # timestamp of the first frame
+
+
+def probe_video(path: str | os.PathLike) -> VideoInfo:
+    """Open a file, check it has a decodable video stream, and read its geometry and timing."""
+    path = Path(path)
+    if not path.exists():
+        raise VideoError("missing_file", f"no file at {path}")
+    if path.stat().st_size == 0:
+        raise VideoError("empty_file", f"{path} has zero bytes")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError("no_video_stream", f"{path.name}: streams are {[s.type for s in container.streams]}")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            if not rate or float(rate) <= 0:
+                raise VideoError("undecodable", f"{path.name}: no frame rate")
+            fps = float(rate)
+            first = next(container.decode(stream), None)
+            if first is None:
+                raise VideoError("undecodable", f"{path.name}: the video stream yields no frame")
+            start = float(first.time or 0.0)
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                duration = container.duration / av.time_base
+            else:
+                duration = (stream.frames or 0) / fps
+            n_frames = stream.frames or int(round(duration * fps))
+            return VideoInfo(
+                fps=fps,
+                width=first.width,
+                height=first.height,
+                n_frames=int(n_frames),
+                duration_s=float(duration),
+                has_audio=bool(container.streams.audio),
+                codec=stream.codec_context.name,
+                start_time_s=start,
+            )
+    except av.FFmpegError as err:
+        raise VideoError("undecodable", f"{path.name}: {err}") from err
+
+
+def _frame_index(frame: av.VideoFrame, start_time_s: float, fps: float) -> int:
+    t = float(frame.time) if frame.time is not None else 0.0
+    return int(round((t - start_time_s) * fps))
+
+
+def iter_frames(
+    path: str | os.PathLike,
+    info: VideoInfo,
+    start_frame: int = 0,
+    end_frame: int | None = None,
+    step: int = 1,
+    width: int | None = None,
+    fmt: str = "rgb24",
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (frame index, HxWx3 array) for frames in [start_frame, end_frame), every ``step``-th.
+
+    Seeks near ``start_frame`` first; ``width`` rescales inside FFmpeg (cheap) keeping aspect.
+    Raises VideoError('decode_error') when the stream breaks part-way.
+    """
+    height = None
+    if width is not None and width < info.width:
+        height = max(2, int(round(info.height * width / info.width / 2)) * 2)
+    else:
+        width = None
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            if start_frame > 0:
+                target = info.start_time_s + max(0.0, (start_frame - 1) / info.fps)
+                container.seek(int(target / stream.time_base), stream=stream, backward=True, any_frame=False)
+            last = -1
+            for frame in container.decode(stream):
+                idx = _frame_index(frame, info.start_time_s, info.fps)
+                if idx <= last:  # duplicate timestamps (rare VFR muxing): keep the first
+                    continue
+                last = idx
+                if idx < start_frame:
+                    continue
+                if end_frame is not None and idx >= end_frame:
+                    break
+                if (idx - start_frame) % step:
+                    continue
+                if width is not None:
+                    img = frame.to_ndarray(format=fmt, width=width, height=height)
+                else:
+                    img = frame.to_ndarray(format=fmt)
+                yield idx, img
+    except av.FFmpegError as err:
+        raise VideoError("decode_error", f"{Path(path).name}: {err}") from err
+
+
+def read_frames_at(path: str | os.PathLike, info: VideoInfo, indices: list[int]) -> dict[int, np.ndarray]:
+    """Decode a few frames by index (one seek each); missing indices are left out."""
+    out: dict[int, np.ndarray] = {}
+    for idx in sorted(set(indices)):
+        for got, img in iter_frames(path, info, start_frame=idx, end_frame=idx + 1):
+            out[got] = img
+    return out
+
+
+class VideoWriter:
+    """H.264 writer for RGB frames at a fixed rate, made visible atomically on close."""
+
+    def __init__(self, path: str | os.PathLike, fps: int, size: int, preset: str = "veryfast", crf: int = 18) -> None:
+        self._ctx = atomic_path(path, ".mp4")
+        tmp = self._ctx.__enter__()
+        self._container = av.open(str(tmp), mode="w", format="mp4")
+        self._stream = self._container.add_stream("libx264", rate=Fraction(fps))
+        self._stream.width = size
+        self._stream.height = size
+        self._stream.pix_fmt = "yuv420p"
+        self._stream.thread_type = "AUTO"
+        self._stream.options = {"preset": preset, "crf": str(crf)}
+        self.n_frames = 0
+
+    def write(self, rgb: np.ndarray) -> None:
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        frame.pts = self.n_frames
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+        self.n_frames += 1
+
+    def close(self, ok: bool = True) -> None:
+        try:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+        finally:
+            self._container.close()
+            if ok:
+                self._ctx.__exit__(None, None, None)
+            else:
+                self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(ok=exc_type is None)
+
+
+def resample_times(start_s: float, end_s: float, fps: int) -> np.ndarray:
+    """Output frame times for a span at a fixed rate (the span's length rounded to frames)."""
+    n = max(0, int(math.floor((end_s - start_s) * fps + 1e-6)))
+    return start_s + np.arange(n) / fps

@@ -1,0 +1,334 @@
+"""The project's fixed vocabulary and every Parquet schema, declared once.
+
+Other modules import names from here; no other file builds a ``pa.schema``. Channel order,
+keypoint indices and sign conventions follow DESIGN.md and must never be reordered: stored
+tables and fitted face models depend on them.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pyarrow as pa
+
+# --------------------------------------------------------------------------------------------
+# Control state c_t: 17 channels. Left/right are the subject's own.
+# --------------------------------------------------------------------------------------------
+CONTROL_CHANNELS: tuple[str, ...] = (
+    "AU1",  # inner brow raiser
+    "AU2L",  # outer brow raiser, left
+    "AU2R",  # outer brow raiser, right
+    "AU4L",  # brow lowerer, left
+    "AU4R",  # brow lowerer, right
+    "AU5",  # upper lid raiser
+    "AU7",  # lid tightener
+    "AU41",  # lid droop (sustained, not a blink)
+    "AU45L",  # eye closure, left
+    "AU45R",  # eye closure, right
+    "gaze_left",
+    "gaze_right",
+    "gaze_up",
+    "gaze_down",
+    "yaw",  # degrees, + = toward the subject's left
+    "pitch",  # degrees, + = chin up
+    "roll",  # degrees, + = top of head toward the subject's left shoulder
+)
+N_CHANNELS = len(CONTROL_CHANNELS)
+CHANNEL_INDEX: dict[str, int] = {name: i for i, name in enumerate(CONTROL_CHANNELS)}
+AU_CHANNELS: tuple[str, ...] = CONTROL_CHANNELS[:10]
+GAZE_CHANNELS: tuple[str, ...] = CONTROL_CHANNELS[10:14]
+HEAD_CHANNELS: tuple[str, ...] = CONTROL_CHANNELS[14:17]
+HEAD_ANGLE_SCALE_DEG = 30.0  # head angles are divided by this to share the AU/gaze scale
+
+# Pairs swapped when a source is mirrored (yaw and roll are negated as well).
+MIRROR_CHANNEL_PAIRS: tuple[tuple[str, str], ...] = (
+    ("AU2L", "AU2R"),
+    ("AU4L", "AU4R"),
+    ("AU45L", "AU45R"),
+    ("gaze_left", "gaze_right"),
+)
+MIRROR_NEGATED_CHANNELS: tuple[str, ...] = ("yaw", "roll")
+
+# --------------------------------------------------------------------------------------------
+# 62 eye-region keypoints: MediaPipe face-mesh indices, in this order.
+# --------------------------------------------------------------------------------------------
+KEYPOINT_GROUPS: dict[str, tuple[int, ...]] = {
+    "left_eye": (263, 249, 390, 373, 374, 380, 381, 382, 362, 398, 384, 385, 386, 387, 388, 466),
+    "right_eye": (33, 7, 163, 144, 145, 153, 154, 155, 133, 173, 157, 158, 159, 160, 161, 246),
+    "left_brow": (276, 283, 282, 295, 285, 300, 293, 334, 296, 336),
+    "right_brow": (46, 53, 52, 65, 55, 70, 63, 105, 66, 107),
+    "left_iris": (473, 474, 475, 476, 477),  # centre first
+    "right_iris": (468, 469, 470, 471, 472),  # centre first
+}
+KEYPOINT_INDICES: tuple[int, ...] = tuple(i for group in KEYPOINT_GROUPS.values() for i in group)
+N_KEYPOINTS = len(KEYPOINT_INDICES)
+N_LANDMARKS = 478
+MIRROR_KEYPOINT_GROUP_PAIRS: tuple[tuple[str, str], ...] = (
+    ("left_eye", "right_eye"),
+    ("left_brow", "right_brow"),
+    ("left_iris", "right_iris"),
+)
+
+
+def keypoint_slice(group: str) -> slice:
+    """Position of a keypoint group inside the 62-point vector."""
+    start = 0
+    for name, members in KEYPOINT_GROUPS.items():
+        if name == group:
+            return slice(start, start + len(members))
+        start += len(members)
+    raise KeyError(f"unknown keypoint group {group!r}; known: {sorted(KEYPOINT_GROUPS)}")
+
+
+assert N_CHANNELS == 17 and N_KEYPOINTS == 62 and len(set(KEYPOINT_INDICES)) == 62
+
+# MediaPipe FaceLandmarker blendshape categories, in the model's output order.
+BLENDSHAPE_NAMES: tuple[str, ...] = (
+    "_neutral", "browDownLeft", "browDownRight", "browInnerUp", "browOuterUpLeft",
+    "browOuterUpRight", "cheekPuff", "cheekSquintLeft", "cheekSquintRight", "eyeBlinkLeft",
+    "eyeBlinkRight", "eyeLookDownLeft", "eyeLookDownRight", "eyeLookInLeft", "eyeLookInRight",
+    "eyeLookOutLeft", "eyeLookOutRight", "eyeLookUpLeft", "eyeLookUpRight", "eyeSquintLeft",
+    "eyeSquintRight", "eyeWideLeft", "eyeWideRight", "jawForward", "jawLeft", "jawOpen",
+    "jawRight", "mouthClose", "mouthDimpleLeft", "mouthDimpleRight", "mouthFrownLeft",
+    "mouthFrownRight", "mouthFunnel", "mouthLeft", "mouthLowerDownLeft", "mouthLowerDownRight",
+    "mouthPressLeft", "mouthPressRight", "mouthPucker", "mouthRight", "mouthRollLower",
+    "mouthRollUpper", "mouthShrugLower", "mouthShrugUpper", "mouthSmileLeft", "mouthSmileRight",
+    "mouthStretchLeft", "mouthStretchRight", "mouthUpperUpLeft", "mouthUpperUpRight",
+    "noseSneerLeft", "noseSneerRight",
+)
+N_BLENDSHAPES = len(BLENDSHAPE_NAMES)
+AU_PROXY_NAMES: tuple[str, ...] = AU_CHANNELS  # AU41 has no blendshape proxy: NaN until invert
+GAZE_PROXY_NAMES: tuple[str, ...] = GAZE_CHANNELS
+HEAD_POSE_NAMES: tuple[str, ...] = HEAD_CHANNELS
+
+# --------------------------------------------------------------------------------------------
+# Normalisation (paper 4.1)
+# --------------------------------------------------------------------------------------------
+CLIP_FPS = 25
+CLIP_SIZE = 512
+AUDIO_SAMPLE_RATE = 16_000
+
+# --------------------------------------------------------------------------------------------
+# Rejects: closed vocabularies of stages and reasons.
+# --------------------------------------------------------------------------------------------
+REJECT_STAGES: tuple[str, ...] = (
+    "manifest", "probe", "scenes", "face_track", "text", "quality", "motion", "crop",
+    "extract", "invert", "prototypes", "kto",
+)
+REJECT_REASONS: dict[str, str] = {
+    "invalid_row": "a manifest row lacks an id or path, or has an unreadable value",
+    "duplicate_id": "the video_id already appeared on an earlier manifest row",
+    "path_outside_root": "the path resolves outside the dataset root",
+    "missing_file": "no file at the path",
+    "empty_file": "the file has zero bytes",
+    "undecodable": "the container or its video stream cannot be decoded",
+    "no_video_stream": "the container has no video stream",
+    "too_short": "shorter than the minimum clip duration",
+    "no_face": "no face found in the span",
+    "multi_face": "more than one face of comparable size",
+    "small_face": "the face is smaller than the minimum size",
+    "text_overlay": "burnt-in text or subtitles detected",
+    "blurry": "face region sharpness below threshold",
+    "underexposed": "face region too dark",
+    "overexposed": "face region too bright",
+    "static": "no motion (frozen or still frames)",
+    "chaotic_motion": "face moves too fast to be a usable talking head",
+    "decode_error": "decoding failed part-way through the span",
+    "no_frames": "the clip decodes to zero frames",
+}
+REJECT_REASON_NAMES: tuple[str, ...] = tuple(REJECT_REASONS)
+
+
+def check_reason(stage: str, reason: str) -> None:
+    """Fail loudly on a reason or stage outside the closed vocabulary."""
+    if stage not in REJECT_STAGES:
+        raise ValueError(f"unknown reject stage {stage!r}; valid: {', '.join(REJECT_STAGES)}")
+    if reason not in REJECT_REASONS:
+        raise ValueError(f"unknown reject reason {reason!r}; valid: {', '.join(REJECT_REASON_NAMES)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Deterministic ids
+# --------------------------------------------------------------------------------------------
+ID_NAMESPACE = uuid.UUID("6f0c1b1e-7d3a-5b9e-9a53-0c0a9e1f2d10")
+
+
+def make_id(kind: str, *parts: object) -> str:
+    """uuid5 of a kind and the parts that identify a row; reruns give the same id."""
+    return str(uuid.uuid5(ID_NAMESPACE, kind + ":" + "|".join(str(p) for p in parts)))
+
+
+def clip_id_for(video_id: str, start_frame: int, end_frame: int) -> str:
+    return make_id("clip", video_id, start_frame, end_frame)
+
+
+# --------------------------------------------------------------------------------------------
+# Arrow schemas
+# --------------------------------------------------------------------------------------------
+def _f32_list(n: int | None = None) -> pa.DataType:
+    return pa.list_(pa.float32(), n) if n is not None else pa.list_(pa.float32())
+
+
+VIDEOS_SCHEMA = pa.schema(
+    [
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("license", pa.string()),
+        pa.field("label", pa.string()),
+        pa.field("identity", pa.string()),
+        pa.field("mirrored", pa.bool_()),
+        pa.field("manifest_row", pa.int32()),
+    ]
+)
+MANIFEST_REQUIRED_COLUMNS: tuple[str, ...] = ("video_id", "path", "source", "license", "label")
+MANIFEST_OPTIONAL_COLUMNS: dict[str, object] = {"identity": "unknown", "mirrored": False}
+
+CLIPS_SCHEMA = pa.schema(
+    [
+        pa.field("clip_id", pa.string(), nullable=False),
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("clip_path", pa.string(), nullable=False),  # relative to the table's folder
+        pa.field("audio_path", pa.string()),  # relative; null when the source has no audio
+        pa.field("has_audio", pa.bool_()),
+        pa.field("start_s", pa.float64()),  # seconds in the source video
+        pa.field("end_s", pa.float64()),
+        pa.field("start_frame", pa.int64()),  # source frames, end exclusive
+        pa.field("end_frame", pa.int64()),
+        pa.field("fps", pa.float64()),  # of the source
+        pa.field("n_frames", pa.int32()),  # frames in the 25 fps clip
+        pa.field("scene_index", pa.int32()),
+        pa.field("crop_box", _f32_list(4)),  # median x0, y0, x1, y1 in source pixels
+        pa.field("crop_track", pa.list_(_f32_list(3))),  # per clip frame: cx, cy, side (source px)
+        pa.field("source_width", pa.int32()),
+        pa.field("source_height", pa.int32()),
+        pa.field("label", pa.string()),
+        pa.field("identity", pa.string()),
+        pa.field("mirrored", pa.bool_()),
+        pa.field("source", pa.string()),
+        pa.field("license", pa.string()),
+        # filter scores
+        pa.field("face_size_px", pa.float32()),
+        pa.field("face_score", pa.float32()),
+        pa.field("face_coverage", pa.float32()),  # share of sampled frames with the face found
+        pa.field("text_score", pa.float32()),
+        pa.field("sharpness", pa.float32()),
+        pa.field("brightness", pa.float32()),
+        pa.field("motion_score", pa.float32()),
+        pa.field("head_speed", pa.float32()),
+    ]
+)
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field("video_id", pa.string()),  # the input id (clip_id for later stages' inputs)
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string()),
+        pa.field("manifest_row", pa.int32()),
+        pa.field("path", pa.string()),
+        pa.field("scene_index", pa.int32()),
+        pa.field("start_s", pa.float64()),  # null when the whole input was rejected
+        pa.field("end_s", pa.float64()),
+        pa.field("start_frame", pa.int64()),
+        pa.field("end_frame", pa.int64()),
+    ]
+)
+
+FRAMES_SCHEMA = pa.schema(
+    [
+        pa.field("clip_id", pa.string(), nullable=False),
+        pa.field("frame", pa.int32(), nullable=False),  # 0-based at 25 fps
+        pa.field("face_present", pa.bool_(), nullable=False),
+        pa.field("face_score", pa.float32()),
+        pa.field("landmarks", _f32_list(N_LANDMARKS * 3)),  # normalised x, y, z
+        pa.field("blendshapes", _f32_list(N_BLENDSHAPES)),
+        pa.field("transform", _f32_list(16)),  # 4x4 row-major facial transformation matrix
+        pa.field("keypoints", _f32_list(N_KEYPOINTS * 3)),  # 62x3 in the 512 crop, [0, 1]
+        pa.field("au", _f32_list(len(AU_PROXY_NAMES))),
+        pa.field("gaze", _f32_list(len(GAZE_PROXY_NAMES))),
+        pa.field("head_pose", _f32_list(3)),  # yaw, pitch, roll in degrees
+    ]
+)
+
+CONTROLS_SCHEMA = pa.schema(
+    [
+        pa.field("clip_id", pa.string(), nullable=False),
+        pa.field("frame", pa.int32(), nullable=False),
+        pa.field("face_present", pa.bool_()),
+        pa.field("controls", _f32_list(N_CHANNELS)),
+        pa.field("residual_error", pa.float32()),  # mean keypoint error in IOD units
+    ]
+)
+
+EVENT_TYPES: tuple[str, ...] = (
+    "blink", "prolonged_closure", "wink", "brow_raise", "frown", "squint", "lid_droop",
+    "saccade", "fixation", "head_nod", "head_turn", "head_tilt",
+)
+EVENTS_SCHEMA = pa.schema(
+    [
+        pa.field("clip_id", pa.string(), nullable=False),
+        pa.field("event_type", pa.string(), nullable=False),
+        pa.field("start_frame", pa.int32()),
+        pa.field("end_frame", pa.int32()),  # inclusive
+        pa.field("apex_frame", pa.int32()),
+        pa.field("eyes", pa.string()),  # both / left / right / "" when not an eye event
+        pa.field("peak", pa.float32()),
+        pa.field("amplitude", pa.float32()),
+    ]
+)
+
+PROTOTYPES_SCHEMA = pa.schema(
+    [
+        pa.field("prototype_id", pa.string(), nullable=False),
+        pa.field("label", pa.string()),
+        pa.field("event_type", pa.string()),  # "window" for clip-level windows
+        pa.field("clip_id", pa.string()),
+        pa.field("video_id", pa.string()),
+        pa.field("identity", pa.string()),
+        pa.field("start_frame", pa.int32()),
+        pa.field("end_frame", pa.int32()),
+        pa.field("T", pa.int32()),
+        pa.field("controls", pa.list_(_f32_list(N_CHANNELS))),  # T x 17
+        pa.field("keypoints", pa.list_(_f32_list(N_KEYPOINTS * 2))),  # T x 62 x 2
+        pa.field("channel_mean", _f32_list(N_CHANNELS)),
+        pa.field("channel_max", _f32_list(N_CHANNELS)),
+        pa.field("face_coverage", pa.float32()),
+        pa.field("mean_residual_error", pa.float32()),
+    ]
+)
+
+KTO_CATEGORIES: tuple[str, ...] = (
+    "large_head_motion", "asymmetric_brow", "erratic_gaze", "rapid_blink",
+)
+KTO_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("desirable", pa.bool_(), nullable=False),
+        pa.field("split", pa.string()),  # train / test, by identity
+        pa.field("clip_id", pa.string()),
+        pa.field("identity", pa.string()),
+        pa.field("start_frame", pa.int32()),
+        pa.field("end_frame", pa.int32()),
+        pa.field("reference_frame", pa.int32()),
+        pa.field("audio_path", pa.string()),
+        pa.field("audio_start_s", pa.float64()),
+        pa.field("audio_end_s", pa.float64()),
+        pa.field("keypoints", pa.list_(_f32_list(N_KEYPOINTS * 2))),
+        pa.field("prompt", pa.string()),
+        pa.field("video_path", pa.string()),
+        pa.field("score", pa.float32()),
+    ]
+)
+
+TABLE_SCHEMAS: dict[str, pa.Schema] = {
+    "videos": VIDEOS_SCHEMA,
+    "clips": CLIPS_SCHEMA,
+    "rejects": REJECTS_SCHEMA,
+    "frames": FRAMES_SCHEMA,
+    "controls": CONTROLS_SCHEMA,
+    "events": EVENTS_SCHEMA,
+    "prototypes": PROTOTYPES_SCHEMA,
+    "kto": KTO_SCHEMA,
+}
