@@ -61,7 +61,7 @@ class CurateConfig:
     text_max_area: float = 0.002  # share of the frame covered by text outside the face
     text_min_frames_ratio: float = 0.5  # share of sampled frames that must show text to reject
     # quality
-    min_sharpness: float = 40.0  # variance of the Laplacian of the 128² grey face crop
+    min_sharpness: float = 20.0  # variance of the Laplacian of the 128² grey face crop
     min_brightness: float = 40.0  # mean luma of the face box, 0-255
     max_brightness: float = 225.0
     # motion
@@ -70,7 +70,7 @@ class CurateConfig:
     # crop and encode
     crop_scale: float = 1.5
     crop_smooth_s: float = 0.5
-    encode_preset: str = "veryfast"
+    encode_preset: str = "superfast"
     encode_crf: int = 18
     # execution
     num_workers: int = 2
@@ -95,6 +95,136 @@ class CurateConfig:
         _check_range("num_workers", self.num_workers, 1)
         if self.min_brightness >= self.max_brightness:
             raise ConfigError("min_brightness must be below max_brightness")
+
+
+@dataclass(frozen=True)
+class PrototypesConfig:
+    """Segmentation of control trajectories into prototypes (paper §3.2)."""
+
+    controls: str = "data/invert"  # invert's output folder: controls/events/frames.parquet
+    clips: str = "data/curate/clips.parquet"  # labels, identities and audio paths per clip
+    out: str = "data/library"  # writes out/prototypes.parquet
+    context_pad_s: float = 0.32  # frames of context kept on each side of an event
+    max_event_s: float = 4.0  # longer events are cut to this span, centred on the apex
+    min_frames: int = 5  # shorter prototypes are dropped
+    window_s: float = 2.0  # clip-level windows carrying the clip's label
+    window_hop_s: float = 1.0
+    min_face_coverage: float = 0.8  # share of frames with a face; below -> dropped
+    max_residual_error: float = 0.15  # mean inversion error (IOD units) above -> flagged
+    row_group_size: int = 256  # small row groups: fetching one prototype reads few others
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        _check_range("context_pad_s", self.context_pad_s, 0.0, 5.0)
+        _check_range("max_event_s", self.max_event_s, 0.04)
+        _check_range("min_frames", self.min_frames, 1)
+        _check_range("window_s", self.window_s, 0.2)
+        _check_range("window_hop_s", self.window_hop_s, 0.04)
+        _check_range("min_face_coverage", self.min_face_coverage, 0.0, 1.0)
+        _check_range("max_residual_error", self.max_residual_error, 0.0)
+        _check_range("row_group_size", self.row_group_size, 1)
+        _check_range("num_workers", self.num_workers, 1)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """The FAISS index over [channel mean, channel peak] and Eq. 3's weights (DESIGN.md)."""
+
+    library: str = "data/library"  # folder holding prototypes.parquet; the index goes to index/
+    weight_au: float = 1.0  # Eq. 3 channel-type weights: AU > gaze > head
+    weight_gaze: float = 0.5
+    weight_head: float = 0.25  # applied after head angles are divided by 30°
+    weight_mean: float = 0.5  # share of the channel mean in each channel's term
+    weight_peak: float = 0.5  # share of the channel peak (max; signed extreme for head angles)
+    ivf_threshold: int = 50_000  # libraries this large get an IVF index, smaller ones exact L1
+    nlist: int = 0  # IVF lists; 0 = 4 * sqrt(n)
+    nprobe: int = 0  # IVF lists probed; 0 = smallest power of two reaching recall_target
+    recall_target: float = 0.95  # recall@5 the nprobe tuning aims for (measured, stored)
+    overfetch: int = 20  # IVF candidates per result before the exact re-rank
+    min_candidates: int = 100
+    exact_scan_max: int = 2048  # filtered subsets up to this size are scanned in numpy directly
+    train_size: int = 65_536  # vectors sampled to train IVF centroids
+    recall_queries: int = 200  # random queries used to measure IVF recall@5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("weight_au", "weight_gaze", "weight_head", "weight_mean", "weight_peak"):
+            _check_range(name, getattr(self, name), 0.0)
+        if not (self.weight_au > self.weight_gaze > self.weight_head > 0):
+            raise ConfigError(
+                f"Eq. 3 weights must satisfy weight_au > weight_gaze > weight_head > 0, got "
+                f"{self.weight_au}, {self.weight_gaze}, {self.weight_head}"
+            )
+        if self.weight_mean + self.weight_peak <= 0:
+            raise ConfigError("weight_mean + weight_peak must be > 0")
+        _check_range("ivf_threshold", self.ivf_threshold, 1)
+        _check_range("nlist", self.nlist, 0)
+        _check_range("nprobe", self.nprobe, 0)
+        _check_range("recall_target", self.recall_target, 0.0, 1.0)
+        _check_range("overfetch", self.overfetch, 1)
+        _check_range("min_candidates", self.min_candidates, 1)
+        _check_range("exact_scan_max", self.exact_scan_max, 0)
+        _check_range("train_size", self.train_size, 256)
+        _check_range("recall_queries", self.recall_queries, 1)
+
+
+@dataclass(frozen=True)
+class KtoConfig:
+    """KTO boundary-case mining (paper §4.1): desirable 3-5 s windows from real clips.
+
+    Every threshold is relative to what the paper states or to the clip's own rest level.
+    """
+
+    controls: str = "data/invert"
+    clips: str = "data/curate/clips.parquet"
+    out: str = "data/kto"  # writes out/kto.parquet and out/metrics.json
+    window_s: float = 4.0  # mined window length (3-5 s, paper)
+    hop_s: float = 0.5  # window start step
+    max_overlap: float = 0.5  # windows of one category overlap at most this share
+    min_face_coverage: float = 0.9
+    # large head motion: the paper's |yaw| > 40°, |pitch| > 30°, |roll| > 30°
+    head_yaw_deg: float = 40.0
+    head_pitch_deg: float = 30.0
+    head_roll_deg: float = 30.0
+    head_min_s: float = 0.2  # frames beyond a threshold must last this long in the window
+    # asymmetric eyebrow: |left - right| outer-brow raise (AU2) or lowering (AU4)
+    brow_asym: float = 0.3  # left-right difference above the clip's rest difference
+    brow_active: float = 0.3  # the stronger side must be raised this much above its rest
+    brow_min_s: float = 0.3
+    # erratic gaze drift: many direction-reversing gaze shifts
+    gaze_shift_amp: float = 0.15  # a shift moves the gaze point at least this far (channel units)
+    gaze_min_shifts: int = 4  # shifts in the window
+    gaze_min_reversals: int = 2  # shifts that reverse the previous shift's direction
+    gaze_smooth_frames: int = 3
+    # rapid blinking
+    blink_rise: float = 0.35  # AU45 above the clip's rest by this much = closed
+    blink_fall: float = 0.2  # ... and reopened below rest + this (hysteresis)
+    blink_max_s: float = 0.4  # longer closures are not blinks (DESIGN.md)
+    blink_min_count: int = 5  # blinks in the window (rest rate is ~1 per 3-4 s)
+    blink_max_interval_s: float = 1.0  # median inter-blink interval must be below this
+    # split by identity
+    test_fraction: float = 0.125  # the paper: 50 of 400 clips per category
+    seed: int = 0
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        _check_range("window_s", self.window_s, 3.0, 5.0)
+        _check_range("hop_s", self.hop_s, 0.04)
+        _check_range("max_overlap", self.max_overlap, 0.0, 1.0)
+        _check_range("min_face_coverage", self.min_face_coverage, 0.0, 1.0)
+        for name in ("head_yaw_deg", "head_pitch_deg", "head_roll_deg"):
+            _check_range(name, getattr(self, name), 0.0, 180.0)
+        _check_range("brow_asym", self.brow_asym, 0.0, 1.0)
+        _check_range("brow_active", self.brow_active, 0.0, 1.0)
+        _check_range("gaze_shift_amp", self.gaze_shift_amp, 0.0)
+        _check_range("gaze_min_shifts", self.gaze_min_shifts, 1)
+        _check_range("gaze_min_reversals", self.gaze_min_reversals, 0)
+        _check_range("gaze_smooth_frames", self.gaze_smooth_frames, 1)
+        if self.blink_fall >= self.blink_rise:
+            raise ConfigError("blink_fall must be below blink_rise (hysteresis)")
+        _check_range("blink_min_count", self.blink_min_count, 1)
+        _check_range("test_fraction", self.test_fraction, 0.0, 1.0)
+        _check_range("num_workers", self.num_workers, 1)
 
 
 def from_mapping(cls: type[T], values: dict[str, Any] | None, section: str = "") -> T:
@@ -128,5 +258,11 @@ def load_section(cls: type[T], section: str, path: str | Path = "params.yaml") -
     return from_mapping(cls, params[section], section)
 
 
-STAGE_CONFIGS: dict[str, type] = {"curate": CurateConfig}
-__all__ = ["ConfigError", "CurateConfig", "STAGE_CONFIGS", "from_mapping", "load_params", "load_section", "field"]
+STAGE_CONFIGS: dict[str, type] = {
+    "curate": CurateConfig,
+    "prototypes": PrototypesConfig,
+    "index": IndexConfig,
+    "kto_mine": KtoConfig,
+}
+__all__ = [
+    "ConfigError", "CurateConfig", "IndexConfig", "KtoConfig", "PrototypesConfig", "STAGE_CONFIGS", "from_mapping", "load_params", "load_section", "field"]

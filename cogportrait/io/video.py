@@ -82,9 +82,23 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
         raise VideoError("undecodable", f"{path.name}: {err}") from err
 
 
-def _frame_index(frame: av.VideoFrame, start_time_s: float, fps: float) -> int:
+def _frame_index(frame: av.VideoFrame, info: VideoInfo, times: np.ndarray | None, offset: int) -> int:
+    """Index of a decoded frame: from known frame times when given (exact for VFR), else t * fps.
+
+    Returns -1 for a frame before the known times and len(times) + offset for one after them.
+    """
     t = float(frame.time) if frame.time is not None else 0.0
-    return int(round((t - start_time_s) * fps))
+    if times is None or len(times) == 0:
+        return int(round((t - info.start_time_s) * info.fps))
+    half = 0.5 / info.fps
+    if t < times[0] - half:
+        return -1
+    if t > times[-1] + half:
+        return offset + len(times)
+    i = int(np.searchsorted(times, t))
+    if i == len(times) or (i > 0 and t - times[i - 1] < times[i] - t):
+        i -= 1
+    return offset + i
 
 
 def iter_frames(
@@ -95,11 +109,15 @@ def iter_frames(
     step: int = 1,
     width: int | None = None,
     fmt: str = "rgb24",
+    times: np.ndarray | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (frame index, HxWx3 array) for frames in [start_frame, end_frame), every ``step``-th.
 
+    ``times`` are the decoded timestamps of frames start_frame, start_frame + 1, ... (from a
+    full pass, see the scenes step); with them indices are exact for variable frame rates.
     Seeks near ``start_frame`` first; ``width`` rescales inside FFmpeg (cheap) keeping aspect.
-    Raises VideoError('decode_error') when the stream breaks part-way.
+    Only selected frames are converted to arrays. Raises VideoError('decode_error') when the
+    stream breaks part-way.
     """
     height = None
     if width is not None and width < info.width:
@@ -111,11 +129,12 @@ def iter_frames(
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             if start_frame > 0:
-                target = info.start_time_s + max(0.0, (start_frame - 1) / info.fps)
+                t_start = float(times[0]) if times is not None and len(times) else start_frame / info.fps
+                target = info.start_time_s + max(0.0, t_start - 1.0 / info.fps)
                 container.seek(int(target / stream.time_base), stream=stream, backward=True, any_frame=False)
             last = -1
             for frame in container.decode(stream):
-                idx = _frame_index(frame, info.start_time_s, info.fps)
+                idx = _frame_index(frame, info, times, start_frame)
                 if idx <= last:  # duplicate timestamps (rare VFR muxing): keep the first
                     continue
                 last = idx
@@ -146,7 +165,7 @@ def read_frames_at(path: str | os.PathLike, info: VideoInfo, indices: list[int])
 class VideoWriter:
     """H.264 writer for RGB frames at a fixed rate, made visible atomically on close."""
 
-    def __init__(self, path: str | os.PathLike, fps: int, size: int, preset: str = "veryfast", crf: int = 18) -> None:
+    def __init__(self, path: str | os.PathLike, fps: int, size: int, preset: str = "superfast", crf: int = 18) -> None:
         self._ctx = atomic_path(path, ".mp4")
         tmp = self._ctx.__enter__()
         self._container = av.open(str(tmp), mode="w", format="mp4")
@@ -159,7 +178,13 @@ class VideoWriter:
         self.n_frames = 0
 
     def write(self, rgb: np.ndarray) -> None:
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        self._encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24"))
+
+    def write_yuv420(self, yuv: np.ndarray) -> None:
+        """A planar 4:2:0 frame as (size*3/2, size) uint8: skips the RGB->YUV conversion."""
+        self._encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(yuv), format="yuv420p"))
+
+    def _encode(self, frame: av.VideoFrame) -> None:
         frame.pts = self.n_frames
         for packet in self._stream.encode(frame):
             self._container.mux(packet)

@@ -1,0 +1,1 @@
+"""Curation maths and models (Ray-free): manifest, scenes, face tracking, filters, crop."""

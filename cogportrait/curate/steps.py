@@ -1,0 +1,313 @@
+"""Row-level steps of the curate job (Ray-free; ``pipelines/curate.py`` wires them into Ray Data).
+
+A row is one video, then one span of it. Every row carries every key (so Arrow blocks share one
+schema). A rejected row keeps flowing through later steps untouched, so every input ends in
+exactly one output row: a clip, or a reject with a reason from the closed vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cogportrait.config import CurateConfig
+from cogportrait.curate.crop import crop_track, write_cropped_clip
+from cogportrait.curate.filters import motion_decision, quality_decision, text_area, text_decision
+from cogportrait.curate.scenes import detect_scenes
+from cogportrait.curate.spans import Span, apply_duration_limits, segment_face_runs, span_seconds
+from cogportrait.curate.text import TextDetector
+from cogportrait.curate.tracking import FaceTracker, motion_scores
+from cogportrait.io.audio import extract_audio_span
+from cogportrait.io.video import VideoError, VideoInfo, iter_frames, probe_video, resample_times
+from cogportrait.schema import AUDIO_SAMPLE_RATE, CLIP_FPS, CLIP_SIZE, check_reason, clip_id_for
+
+Row = dict[str, Any]
+NAN = float("nan")
+
+ROW_DEFAULTS: Row = {
+    # manifest
+    "video_id": "", "path": "", "source": "", "license": "", "label": "", "identity": "unknown",
+    "mirrored": False, "manifest_row": -1,
+    # probe
+    "fps": NAN, "width": -1, "height": -1, "codec": "", "start_time_s": 0.0, "has_audio_stream": False,
+    "n_src_frames": -1, "duration_s": NAN,
+    # span (source frames, end exclusive) and its frame timestamps (float64 bytes)
+    "scene_index": -1, "start_frame": -1, "end_frame": -1, "start_s": NAN, "end_s": NAN, "times": b"",
+    # face track: JSON {"frames": [...], "boxes": [[x0,y0,x1,y1], ...]} for usable samples
+    "track": "", "face_size_px": NAN, "face_score": NAN, "face_coverage": NAN,
+    "sharpness": NAN, "brightness": NAN, "motion_score": NAN, "head_speed": NAN, "text_score": NAN,
+    # outputs
+    "clip_id": "", "clip_path": "", "audio_path": "", "has_audio": False, "n_frames": 0,
+    "crop_box": b"", "crop_track": b"",
+    # reject
+    "reject_stage": "", "reject_reason": "", "reject_detail": "",
+    # seconds spent per step (attributed to the first row a step emits for an input)
+    "t_probe": 0.0, "t_scenes": 0.0, "t_track": 0.0, "t_text": 0.0, "t_filter": 0.0, "t_crop": 0.0,
+}
+STEP_TIMERS = ("t_probe", "t_scenes", "t_track", "t_text", "t_filter", "t_crop")
+
+
+def new_row(manifest_row: Row) -> Row:
+    row = dict(ROW_DEFAULTS)
+    row.update(manifest_row)
+    return row
+
+
+def rejected(row: Row) -> bool:
+    return bool(row["reject_reason"])
+
+
+def reject(row: Row, stage: str, reason: str, detail: str = "") -> Row:
+    check_reason(stage, reason)
+    row["reject_stage"], row["reject_reason"], row["reject_detail"] = stage, reason, detail
+    return row
+
+
+def video_info(row: Row) -> VideoInfo:
+    return VideoInfo(
+        fps=row["fps"], width=row["width"], height=row["height"], n_frames=row["n_src_frames"],
+        duration_s=row["duration_s"], has_audio=row["has_audio_stream"], codec=row["codec"],
+        start_time_s=row["start_time_s"],
+    )
+
+
+def span_times(row: Row) -> np.ndarray:
+    return np.frombuffer(row["times"], dtype=np.float64)
+
+
+def with_span(row: Row, span: Span, times: np.ndarray, frame_period: float) -> Row:
+    """A copy of ``row`` narrowed to ``span`` (indices into the same video); times re-sliced."""
+    out = dict(row)
+    offset = row["start_frame"] if row["start_frame"] >= 0 else 0
+    local = times[span.start - offset : span.end - offset]
+    out["start_frame"], out["end_frame"] = span.start, span.end
+    out["start_s"], out["end_s"] = span_seconds(times, span.start - offset, span.end - offset, frame_period)
+    out["times"] = np.ascontiguousarray(local, dtype=np.float64).tobytes()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# steps
+# ---------------------------------------------------------------------------------------------
+def probe_step(row: Row, cfg: CurateConfig) -> Row:
+    """1:1. Open the file, check it decodes, read geometry and timing."""
+    t0 = time.perf_counter()
+    try:
+        info = probe_video(row["path"])
+    except VideoError as err:
+        return reject(row, "probe", err.reason, err.detail)
+    finally:
+        row["t_probe"] = time.perf_counter() - t0
+    row.update(
+        fps=info.fps, width=info.width, height=info.height, codec=info.codec, start_time_s=info.start_time_s,
+        has_audio_stream=info.has_audio, n_src_frames=info.n_frames, duration_s=info.duration_s,
+    )
+    if info.duration_s + 1e-6 < cfg.min_duration_s:
+        reject(row, "probe", "too_short", f"{info.duration_s:.2f} s < {cfg.min_duration_s} s")
+        row["start_s"], row["end_s"] = 0.0, info.duration_s
+    return row
+
+
+def scenes_step(row: Row, cfg: CurateConfig) -> list[Row]:
+    """1:N. One decode pass: frame times and shot cuts; each shot cut to the duration limits."""
+    if rejected(row):
+        return [row]
+    t0 = time.perf_counter()
+    info = video_info(row)
+    result = detect_scenes(row["path"], info, cfg.scene_detector, cfg.scene_threshold, cfg.scene_min_len_frames, cfg.scene_downscale_px)
+    times = result.times
+    if result.n_frames == 0:
+        row["t_scenes"] = time.perf_counter() - t0
+        return [reject(row, "scenes", "undecodable", result.decode_error or "no frame decoded")]
+    fps = (result.n_frames - 1) / times[-1] if result.n_frames > 1 and times[-1] > 0 else info.fps
+    row["fps"], row["n_src_frames"] = float(fps), result.n_frames
+    period = 1.0 / fps
+    bounds = [0, *result.cuts, result.n_frames]
+    out: list[Row] = []
+    for scene_index, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for span in apply_duration_limits(Span(a, b), times, period, cfg.min_duration_s, cfg.max_duration_s):
+            child = with_span(row, span, times, period)
+            child["scene_index"] = scene_index
+            if span.reason:
+                t_a, t_b = child["start_s"], child["end_s"]
+                reject(child, "scenes", span.reason, f"{t_b - t_a:.2f} s < {cfg.min_duration_s} s")
+            out.append(child)
+    if result.decode_error:
+        # the part after the break is lost to decoding: record it, with its span, as a reject
+        tail = dict(row)
+        tail["start_frame"], tail["end_frame"] = result.n_frames, max(result.n_frames, info.n_frames)
+        tail["start_s"], tail["end_s"] = float(times[-1] + period), max(float(times[-1] + period), info.duration_s)
+        tail["times"], tail["scene_index"] = b"", len(bounds) - 1
+        out.append(reject(tail, "scenes", "decode_error", result.decode_error))
+    for child in out:
+        child["t_scenes"] = 0.0
+    out[0]["t_scenes"] = time.perf_counter() - t0
+    return out
+
+
+def track_step(row: Row, cfg: CurateConfig, tracker: FaceTracker) -> list[Row]:
+    """1:N. Face detection on sampled frames; split where the face is missing > max gap."""
+    if rejected(row):
+        return [row]
+    t0 = time.perf_counter()
+    info, times = video_info(row), span_times(row)
+    period = 1.0 / row["fps"]
+    step = max(1, int(round(row["fps"] / cfg.track_fps)))
+    try:
+        samples = tracker.track(row["path"], info, row["start_frame"], row["end_frame"], step, times)
+    except VideoError as err:
+        row["t_track"] = time.perf_counter() - t0
+        return [reject(row, "face_track", err.reason, err.detail)]
+    if not samples:
+        row["t_track"] = time.perf_counter() - t0
+        return [reject(row, "face_track", "decode_error", "no frame decoded in the span")]
+    max_gap = int(np.floor(cfg.max_face_gap_s * row["fps"] / step + 1e-6))
+    runs = segment_face_runs([s.frame for s in samples], [s.label for s in samples], row["end_frame"], max_gap)
+    if runs and runs[0].start > row["start_frame"]:  # frames before the first sample (never: sample 0 = start)
+        runs.insert(0, Span(row["start_frame"], runs[0].start, "no_face"))
+    out: list[Row] = []
+    for run in runs:
+        pieces = [run] if run.reason else apply_duration_limits(
+            run, times, period, cfg.min_duration_s, cfg.max_duration_s, offset=row["start_frame"]
+        )
+        for piece in pieces:
+            child = with_span(row, piece, times, period)
+            if piece.reason:
+                reject(child, "face_track", piece.reason, f"{child['end_s'] - child['start_s']:.2f} s")
+            else:
+                _attach_track(child, [s for s in samples if piece.start <= s.frame < piece.end], period)
+            out.append(child)
+    for child in out:
+        child["t_track"] = 0.0
+    out[0]["t_track"] = time.perf_counter() - t0
+    return out
+
+
+def _attach_track(row: Row, samples: list, frame_period: float) -> None:
+    usable = [s for s in samples if s.label == "ok"]
+    boxes = np.array([s.box for s in usable], dtype=np.float64)
+    sides = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    row["track"] = json.dumps({"frames": [s.frame for s in usable], "boxes": np.round(boxes, 2).tolist()})
+    row["face_size_px"] = float(np.median(sides))
+    row["face_score"] = float(np.mean([s.score for s in usable]))
+    row["face_coverage"] = len(usable) / max(1, len(samples))
+    row["sharpness"] = float(np.nanmedian([s.sharpness for s in usable]))
+    row["brightness"] = float(np.nanmedian([s.brightness for s in usable]))
+    row["motion_score"], row["head_speed"] = motion_scores(usable, frame_period)
+
+
+def text_step(row: Row, cfg: CurateConfig, detector: TextDetector) -> Row:
+    """1:1. RapidOCR detection on a few frames spread over the span (rule in filters.py)."""
+    if rejected(row):
+        return row
+    t0 = time.perf_counter()
+    info, times = video_info(row), span_times(row)
+    n = row["end_frame"] - row["start_frame"]
+    wanted = sorted({row["start_frame"] + int((k + 0.5) * n / cfg.text_frames) for k in range(cfg.text_frames)})
+    track = json.loads(row["track"])
+    frames, boxes = np.array(track["frames"]), np.array(track["boxes"])
+    measured = []
+    try:
+        for idx, rgb in iter_frames(row["path"], info, wanted[0], wanted[-1] + 1, times=times[wanted[0] - row["start_frame"]:]):
+            if idx not in wanted:
+                continue
+            face = tuple(boxes[int(np.argmin(np.abs(frames - idx)))]) if len(frames) else None
+            measured.append(text_area(detector.detect(rgb), rgb.shape[1], rgb.shape[0], face, cfg.text_min_box_height))
+    except VideoError as err:
+        row["t_text"] = time.perf_counter() - t0
+        return reject(row, "text", err.reason, err.detail)
+    keep, reason, score = text_decision(measured, cfg)
+    row["text_score"] = score
+    row["t_text"] = time.perf_counter() - t0
+    if not keep:
+        reject(row, "text", reason, f"text covers {score:.4f} of the frame on average")
+    return row
+
+
+def filter_step(row: Row, cfg: CurateConfig) -> Row:
+    """1:1. Quality (sharpness, exposure) and motion (static vs chaotic) thresholds on tracked scores."""
+    if rejected(row):
+        return row
+    keep, reason = quality_decision(row["sharpness"], row["brightness"], cfg)
+    if not keep:
+        return reject(row, "quality", reason, f"sharpness {row['sharpness']:.1f}, brightness {row['brightness']:.1f}")
+    keep, reason = motion_decision(row["motion_score"], row["head_speed"], cfg)
+    if not keep:
+        return reject(row, "motion", reason, f"motion {row['motion_score']:.4f}, head speed {row['head_speed']:.2f}/s")
+    return row
+
+
+def crop_step(row: Row, cfg: CurateConfig, out_dir: str) -> Row:
+    """1:1. Smoothed 1.5x face crop at 512², resampled to 25 fps, plus 16 kHz mono audio."""
+    if rejected(row):
+        return row
+    t0 = time.perf_counter()
+    info, times = video_info(row), span_times(row)
+    out_times = resample_times(row["start_s"], row["end_s"], CLIP_FPS)
+    if len(out_times) == 0:
+        row["t_crop"] = time.perf_counter() - t0
+        return reject(row, "crop", "no_frames", f"{row['end_s'] - row['start_s']:.3f} s span")
+    track = json.loads(row["track"])
+    sample_t = times[np.asarray(track["frames"]) - row["start_frame"]]
+    ctrack = crop_track(
+        sample_t, np.asarray(track["boxes"], dtype=np.float64), out_times, row["width"], row["height"],
+        cfg.crop_scale, cfg.crop_smooth_s, CLIP_FPS,
+    )
+    clip_id = clip_id_for(row["video_id"], row["start_frame"], row["end_frame"])
+    clip_rel, audio_rel = f"clips/{clip_id}.mp4", f"audio/{clip_id}.wav"
+    try:
+        n = write_cropped_clip(
+            row["path"], info, row["start_frame"], row["end_frame"], times, out_times, ctrack,
+            Path(out_dir) / clip_rel, CLIP_SIZE, CLIP_FPS, cfg.encode_preset, cfg.encode_crf,
+        )
+        has_audio = row["has_audio_stream"] and extract_audio_span(
+            row["path"], row["start_s"], row["start_s"] + len(out_times) / CLIP_FPS, Path(out_dir) / audio_rel, AUDIO_SAMPLE_RATE
+        )
+    except VideoError as err:
+        row["t_crop"] = time.perf_counter() - t0
+        return reject(row, "crop", err.reason, err.detail)
+    side = np.median(ctrack[:, 2])
+    cx, cy = np.median(ctrack[:, 0]), np.median(ctrack[:, 1])
+    row.update(
+        clip_id=clip_id, clip_path=clip_rel, audio_path=audio_rel if has_audio else "", has_audio=bool(has_audio),
+        n_frames=n, crop_box=np.array([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], np.float32).tobytes(),
+        crop_track=ctrack.tobytes(), t_crop=time.perf_counter() - t0,
+    )
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# rows -> table rows
+# ---------------------------------------------------------------------------------------------
+def clip_record(row: Row) -> Row:
+    """The clips-table row (CLIPS_SCHEMA) of a kept span."""
+    return {
+        "clip_id": row["clip_id"], "video_id": row["video_id"], "clip_path": row["clip_path"],
+        "audio_path": row["audio_path"] or None, "has_audio": row["has_audio"],
+        "start_s": row["start_s"], "end_s": row["end_s"], "start_frame": row["start_frame"], "end_frame": row["end_frame"],
+        "fps": row["fps"], "n_frames": row["n_frames"], "scene_index": row["scene_index"],
+        "crop_box": np.frombuffer(row["crop_box"], np.float32).tolist(),
+        "crop_track": np.frombuffer(row["crop_track"], np.float32).reshape(-1, 3).tolist(),
+        "source_width": row["width"], "source_height": row["height"],
+        "label": row["label"], "identity": row["identity"], "mirrored": row["mirrored"],
+        "source": row["source"], "license": row["license"],
+        **{k: row[k] for k in ("face_size_px", "face_score", "face_coverage", "text_score", "sharpness", "brightness", "motion_score", "head_speed")},
+    }
+
+
+def reject_record(row: Row) -> Row:
+    """The rejects-table row (REJECTS_SCHEMA) of a rejected video or span."""
+    has_span = row["start_frame"] >= 0 or np.isfinite(row["start_s"])
+    return {
+        "video_id": row["video_id"], "stage": row["reject_stage"], "reason": row["reject_reason"],
+        "detail": row["reject_detail"], "manifest_row": row["manifest_row"], "path": row["path"],
+        "scene_index": row["scene_index"] if row["scene_index"] >= 0 else None,
+        "start_s": row["start_s"] if has_span and np.isfinite(row["start_s"]) else None,
+        "end_s": row["end_s"] if has_span and np.isfinite(row["end_s"]) else None,
+        "start_frame": row["start_frame"] if row["start_frame"] >= 0 else None,
+        "end_frame": row["end_frame"] if row["end_frame"] >= 0 else None,
+    }

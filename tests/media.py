@@ -1,0 +1,61 @@
+"""Build test media from real clips: filter variants and broken files (written by the tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from cogportrait.io.video import VideoWriter, iter_frames, probe_video
+
+SUBTITLES = ("and that is why we always", "check the subtitles first", "before training any model")
+
+
+def blur(frame: np.ndarray, i: int) -> np.ndarray:
+    return cv2.GaussianBlur(frame, (0, 0), 4.0)
+
+
+def darken(frame: np.ndarray, i: int) -> np.ndarray:
+    return (frame.astype(np.float32) * 0.15).astype(np.uint8)
+
+
+def subtitle(frame: np.ndarray, i: int) -> np.ndarray:
+    out = frame.copy()
+    h, w = out.shape[:2]
+    text = SUBTITLES[(i // 25) % len(SUBTITLES)]
+    scale = w / 640
+    (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 2)
+    org = ((w - tw) // 2, int(h * 0.93))
+    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 6, cv2.LINE_AA)
+    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 2, cv2.LINE_AA)
+    return out
+
+
+def write_variant(src: Path, dst: Path, transform: Callable[[np.ndarray, int], np.ndarray] | None, freeze: bool = False) -> Path:
+    """Re-encode a real clip frame by frame with a transform (or its first frame held: frozen)."""
+    info = probe_video(src)
+    first = None
+    with VideoWriter(dst, fps=int(round(info.fps)), size=info.width, preset="ultrafast", crf=16) as writer:
+        for i, (_, rgb) in enumerate(iter_frames(src, info)):
+            if first is None:
+                first = rgb
+            frame = first if freeze else rgb
+            writer.write(transform(frame, i) if transform else frame)
+    return dst
+
+
+def write_broken_files(folder: Path, real_clip: Path) -> dict[str, Path]:
+    """A truncated mp4, a zero-byte file and a text file named .mp4."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = real_clip.read_bytes()
+    paths = {
+        "truncated": folder / "truncated.mp4",
+        "zero_byte": folder / "zero_byte.mp4",
+        "text_as_mp4": folder / "notes.mp4",
+    }
+    paths["truncated"].write_bytes(data[: len(data) // 3])
+    paths["zero_byte"].write_bytes(b"")
+    paths["text_as_mp4"].write_text("this is not a video, only a text file with an .mp4 name\n" * 20)
+    return paths
