@@ -286,17 +286,28 @@ PROTOTYPES_SCHEMA = pa.schema(
         pa.field("clip_id", pa.string()),
         pa.field("video_id", pa.string()),
         pa.field("identity", pa.string()),
-        pa.field("start_frame", pa.int32()),
-        pa.field("end_frame", pa.int32()),
+        pa.field("start_frame", pa.int32()),  # clip frames at 25 fps
+        pa.field("end_frame", pa.int32()),  # exclusive: T = end_frame - start_frame
         pa.field("T", pa.int32()),
         pa.field("controls", pa.list_(_f32_list(N_CHANNELS))),  # T x 17
         pa.field("keypoints", pa.list_(_f32_list(N_KEYPOINTS * 2))),  # T x 62 x 2
         pa.field("channel_mean", _f32_list(N_CHANNELS)),
+        # per-channel peak: the max for AU/gaze; for head angles the signed value of largest |angle|
         pa.field("channel_max", _f32_list(N_CHANNELS)),
         pa.field("face_coverage", pa.float32()),
         pa.field("mean_residual_error", pa.float32()),
+        pa.field("quality_flags", pa.list_(pa.string())),  # see PROTOTYPE_QUALITY_FLAGS
     ]
 )
+
+PROTOTYPE_QUALITY_FLAGS: dict[str, str] = {
+    "face_gaps": "some frames had no face; their controls and keypoints are interpolated",
+    "high_residual": "mean inversion residual above prototypes.max_residual_error",
+    "truncated": "the event was longer than prototypes.max_event_s and was cut around its apex",
+    "clipped_context": "the clip edge cut the context padding",
+    "no_keypoints": "frames.parquet had no keypoints for the span; keypoints are zeros",
+}
+PROTOTYPE_WINDOW_EVENT = "window"  # event_type of clip-level windows
 
 KTO_CATEGORIES: tuple[str, ...] = (
     "large_head_motion", "asymmetric_brow", "erratic_gaze", "rapid_blink",

@@ -1,0 +1,30 @@
+"""Ray-free library build (tests, benchmarks, small data); the DVC stage runs pipelines/prototypes.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from cogportrait.config import PrototypesConfig
+from cogportrait.schema import PROTOTYPES_SCHEMA
+from prototype_store.segment import segment_clip
+from prototype_store.sources import clip_ids, load_clip, read_clip_meta
+from prototype_store.store import PARQUET_NAME, write_prototypes
+
+
+def build_prototypes_local(cfg: PrototypesConfig) -> dict[str, Any]:
+    """Segment every clip in ``cfg.controls`` into ``cfg.out``/prototypes.parquet, in-process."""
+    meta = read_clip_meta(cfg.clips)
+    rows: list[dict[str, Any]] = []
+    dropped: dict[str, int] = {}
+    ids = clip_ids(cfg.controls)
+    for cid in ids:
+        clip_rows, d = segment_clip(load_clip(cfg.controls, cid, meta.get(cid)), cfg)
+        rows.extend(clip_rows)
+        for k, v in d.items():
+            dropped[k] = dropped.get(k, 0) + v
+    table = pa.Table.from_pylist(rows, schema=PROTOTYPES_SCHEMA)
+    fingerprint = write_prototypes(Path(cfg.out) / PARQUET_NAME, table, cfg.row_group_size)
+    return {"clips": len(ids), "prototypes": table.num_rows, "dropped": dropped, "fingerprint": fingerprint}

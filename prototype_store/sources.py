@@ -1,0 +1,104 @@
+"""Read invert's outputs one clip at a time (controls, events, keypoints) plus curate's metadata.
+
+Shared by the Ray jobs (prototypes, kto_mine) and by the Ray-free local build used in tests, so
+both read the upstream tables the same way. Reads push the clip_id filter down to Parquet.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from cogportrait.schema import N_CHANNELS, N_KEYPOINTS
+from prototype_store.segment import ClipSignals
+
+log = logging.getLogger("cogportrait.prototype_store")
+
+CLIP_META_COLUMNS = ("clip_id", "video_id", "label", "identity", "audio_path", "clip_path", "has_audio")
+
+
+def upstream_paths(controls_dir: str | Path) -> dict[str, Path]:
+    d = Path(controls_dir)
+    paths = {name: d / f"{name}.parquet" for name in ("controls", "events", "frames")}
+    if not paths["controls"].exists():
+        raise FileNotFoundError(f"no controls.parquet in {d}: point --controls at invert's output folder")
+    return paths
+
+
+def clip_ids(controls_dir: str | Path) -> list[str]:
+    """Every clip in controls.parquet, sorted (the job's input rows)."""
+    t = pq.read_table(upstream_paths(controls_dir)["controls"], columns=["clip_id"])
+    return sorted(set(t.column("clip_id").to_pylist()))
+
+
+def read_clip_meta(clips_path: str | Path | None) -> dict[str, dict[str, Any]]:
+    """clip_id -> label, identity, video_id, audio/clip paths (absolute) from curate's clips.parquet."""
+    if clips_path is None or not Path(clips_path).exists():
+        log.warning("no clips table at %s: labels and identities will be empty", clips_path)
+        return {}
+    clips_path = Path(clips_path)
+    names = pq.read_schema(clips_path).names
+    cols = [c for c in CLIP_META_COLUMNS if c in names]
+    out = {}
+    for row in pq.read_table(clips_path, columns=cols).to_pylist():
+        for key in ("audio_path", "clip_path"):
+            if row.get(key):
+                row[key] = str((clips_path.parent / row[key]).resolve())
+        out[row["clip_id"]] = row
+    return out
+
+
+def fallback_identity(meta: dict[str, Any]) -> str | None:
+    """A clip without a stated identity is its own source video's person (never merged across videos)."""
+    ident = meta.get("identity")
+    if ident and ident != "unknown":
+        return ident
+    vid = meta.get("video_id")
+    return f"video:{vid}" if vid else None
+
+
+def load_clip(controls_dir: str | Path, clip_id: str, meta: dict[str, Any] | None = None) -> ClipSignals:
+    """Frame-aligned controls, presence, residuals, keypoints (x, y) and events of one clip."""
+    paths = upstream_paths(controls_dir)
+    flt = [("clip_id", "=", clip_id)]
+    ct = pq.read_table(paths["controls"], filters=flt, columns=["frame", "face_present", "controls", "residual_error"])
+    frames_idx = np.asarray(ct.column("frame").to_numpy(zero_copy_only=False), dtype=np.int64)
+    n = int(frames_idx.max()) + 1 if len(frames_idx) else 0
+    controls = np.full((n, N_CHANNELS), np.nan, dtype=np.float32)
+    present = np.zeros(n, dtype=bool)
+    residual = np.full(n, np.nan, dtype=np.float32)
+    fp = ct.column("face_present").to_pylist()
+    res = ct.column("residual_error").to_pylist()
+    for f, row, p, r in zip(frames_idx, ct.column("controls").to_pylist(), fp, res):
+        if row is not None and len(row) == N_CHANNELS:
+            controls[f] = row
+            present[f] = bool(p) if p is not None else True
+        if r is not None:
+            residual[f] = r
+    keypoints = None
+    if paths["frames"].exists():
+        ft = pq.read_table(paths["frames"], filters=flt, columns=["frame", "keypoints"])
+        keypoints = np.full((n, N_KEYPOINTS, 2), np.nan, dtype=np.float32)
+        for f, kp in zip(ft.column("frame").to_pylist(), ft.column("keypoints").to_pylist()):
+            if kp is not None and 0 <= f < n and len(kp) == N_KEYPOINTS * 3:
+                keypoints[f] = np.asarray(kp, dtype=np.float32).reshape(N_KEYPOINTS, 3)[:, :2]
+    events: list[dict[str, Any]] = []
+    if paths["events"].exists():
+        et = pq.read_table(paths["events"], filters=flt)
+        events = sorted(et.to_pylist(), key=lambda e: (e["start_frame"], e["event_type"]))
+    meta = meta or {}
+    return ClipSignals(
+        clip_id=clip_id,
+        controls=controls,
+        present=present,
+        keypoints=keypoints,
+        residual=residual,
+        events=events,
+        label=meta.get("label"),
+        identity=fallback_identity({**meta, "video_id": meta.get("video_id")}) if meta else None,
+        video_id=meta.get("video_id"),
+    )
