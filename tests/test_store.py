@@ -1,0 +1,211 @@
+"""PrototypeStore: retrieval equals a brute-force Eq. 3, filters, ranges, stale/empty/unknown errors."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from cogportrait.config import IndexConfig
+from cogportrait.schema import CHANNEL_INDEX, CONTROL_CHANNELS, N_CHANNELS, PROTOTYPES_SCHEMA
+from prototype_store import (
+    EmptyLibraryError,
+    PrototypeStore,
+    StaleIndexError,
+    UnknownChannelError,
+    UnknownLabelError,
+    build_index,
+    write_prototypes,
+)
+from prototype_store.retrieval import brute_force, feature_weights
+from prototype_store.store import sample_queries
+from prototype_store.synthetic import perturb_prototypes
+
+
+def _oracle(table: pa.Table, targets, fweights, k, keep=None):
+    """Brute force over every row: Eq. 3 per channel, ties by midpoint L1 then position."""
+    mean = np.asarray(table.column("channel_mean").to_pylist(), dtype=np.float32)
+    peak = np.asarray(table.column("channel_max").to_pylist(), dtype=np.float32)
+    d = brute_force(mean, peak, targets, fweights)
+    # midpoint L1 (tie-break): same formula with zero-width intervals at the midpoints
+    mids = {}
+    for name, v in targets.items():
+        lo, hi = (v, v) if np.isscalar(v) else v
+        mids[name] = 0.5 * (lo + hi)
+    l1 = brute_force(mean, peak, mids, fweights)
+    pos = np.arange(len(d))
+    if keep is not None:
+        pos, d, l1 = pos[keep], d[keep], l1[keep]
+    order = np.lexsort((pos, np.round(l1, 9), np.round(d, 9)))[:k]
+    return pos[order], d[order]
+
+
+def _fw(store: PrototypeStore) -> np.ndarray:
+    w = store.meta["weights"]
+    return feature_weights(w["weight_au"], w["weight_gaze"], w["weight_head"], w["weight_mean"], w["weight_peak"])
+
+
+@pytest.fixture(scope="module")
+def small_candidates_library(sample_library, tmp_path_factory):
+    """The sample library indexed with min_candidates=1 so the certified fetch loop really iterates."""
+    lib = tmp_path_factory.mktemp("lib_small_k")
+    shutil.copy(sample_library / "prototypes.parquet", lib / "prototypes.parquet")
+    build_index(lib, IndexConfig(exact_scan_max=0, min_candidates=1))
+    return lib
+
+
+@pytest.mark.parametrize("lib_fixture", ["sample_library", "small_candidates_library"])
+def test_exact_index_equals_brute_force(lib_fixture, request):
+    lib = request.getfixturevalue(lib_fixture)
+    store = PrototypeStore.open(lib)
+    assert store.meta["kind"] == "flat_l1"
+    table = pq.read_table(lib / "prototypes.parquet")
+    fw = _fw(store)
+    labels = store.labels
+    identities = sorted(set(x for x in table.column("identity").to_pylist() if x))
+    rng = np.random.default_rng(3)
+    for i, targets in enumerate(sample_queries(store.features, 120, seed=11)):
+        kwargs = {}
+        keep = np.ones(table.num_rows, dtype=bool)
+        if i % 3 == 1:
+            kwargs["label"] = labels[i % len(labels)]
+            keep &= np.asarray(pc.equal(table.column("label"), kwargs["label"]).to_pylist(), dtype=bool)
+        if i % 5 == 2:
+            kwargs["min_frames"] = 20
+            keep &= np.asarray(table.column("T").to_pylist()) >= 20
+        if i % 7 == 3 and identities:
+            kwargs["identity_exclude"] = [identities[int(rng.integers(len(identities)))]]
+            keep &= ~np.isin(np.asarray(table.column("identity").to_pylist(), dtype=object), kwargs["identity_exclude"])
+        k = int(rng.integers(1, 8))
+        got = store.query(targets, k=k, arrays=False, **kwargs)
+        pos, dist = _oracle(table, targets, fw, k, keep)
+        assert [m.prototype_id for m in got] == [table.column("prototype_id")[int(p)].as_py() for p in pos], targets
+        np.testing.assert_allclose([m.distance for m in got], dist, rtol=1e-6, atol=1e-7)
+        assert all(a <= b for a, b in zip([m.distance for m in got], [m.distance for m in got][1:]))
+
+
+def test_range_targets_use_interval_distance(sample_library):
+    store = PrototypeStore.open(sample_library)
+    fw = _fw(store)
+    j = CHANNEL_INDEX["AU45L"]
+    mean, peak = store.features[:, j], store.features[:, N_CHANNELS + j]
+    lo, hi = 0.3, 0.6
+    best = store.query({"AU45L": [lo, hi]}, k=store.n, arrays=False)
+    gap = lambda x: np.maximum(0, np.maximum(lo - x, x - hi))  # noqa: E731
+    expected = np.sort(fw[j] * gap(mean) + fw[N_CHANNELS + j] * gap(peak))
+    np.testing.assert_allclose([m.distance for m in best], expected, atol=1e-6)
+    # a prototype whose mean and peak both lie inside the range scores exactly 0
+    inside = np.flatnonzero((mean >= lo) & (mean <= hi) & (peak >= lo) & (peak <= hi))
+    assert sum(m.distance == 0 for m in best) == len(inside)
+    # a value target equals the degenerate range
+    a = store.query({"AU45L": 0.5}, k=5, arrays=False)
+    b = store.query({"AU45L": "0.5..0.5"}, k=5, arrays=False)
+    assert [m.prototype_id for m in a] == [m.prototype_id for m in b]
+
+
+def test_head_angles_scaled_and_aliases(sample_library):
+    store = PrototypeStore.open(sample_library)
+    fw = _fw(store)
+    j = CHANNEL_INDEX["pitch"]
+    res = store.query({"pitch": [-12, -5]}, k=3, arrays=False)
+    m = res[0]
+    gap = lambda x: max(0.0, -12 - x, x + 5)  # noqa: E731
+    expected = (fw[j] * gap(m.channel_mean[j]) + fw[N_CHANNELS + j] * gap(m.channel_max[j]))
+    assert m.distance == pytest.approx(expected, abs=1e-6)
+    assert fw[j] == pytest.approx(fw[0] * 0.25 / 30.0)  # head weight after the /30° scale
+    both = store.query({"AU4": [0.1, 0.2]}, k=4, arrays=False)
+    split = store.query({"AU4L": [0.1, 0.2], "AU4R": [0.1, 0.2]}, k=4, arrays=False)
+    assert [x.prototype_id for x in both] == [x.prototype_id for x in split]
+
+
+def test_filters_and_arrays(sample_library):
+    store = PrototypeStore.open(sample_library)
+    label = store.labels[0]
+    res = store.query({"AU45L": [0.6, 1.0]}, label=label, k=5)
+    assert res and all(m.label == label for m in res)
+    for m in res:
+        assert m.controls.shape == (m.T, N_CHANNELS)
+        assert m.keypoints.shape == (m.T, 62, 2)
+        np.testing.assert_allclose(m.controls.mean(axis=0), m.channel_mean, atol=1e-5)
+    res = store.query({"AU45L": 1.0}, event_type="window", min_frames=10, k=5, arrays=False)
+    assert all(m.event_type == "window" and m.T >= 10 for m in res)
+    ident = res[0].identity
+    res2 = store.query({"AU45L": 1.0}, event_type="window", identity_exclude=ident, k=50, arrays=False)
+    assert res2 and all(m.identity != ident for m in res2)
+    assert store.get(res[0].prototype_id).prototype_id == res[0].prototype_id
+    stats = store.stats()
+    assert stats["prototypes"] == store.n and sum(stats["labels"].values()) == store.n
+
+
+def test_unknown_channel_and_label_errors(sample_library):
+    store = PrototypeStore.open(sample_library)
+    with pytest.raises(UnknownChannelError) as e:
+        store.query({"AU6": 0.5})
+    assert "AU45L" in str(e.value) and "gaze_left" in str(e.value)
+    with pytest.raises(UnknownLabelError) as e:
+        store.query({"AU45L": 0.5}, label="no-such-label")
+    assert all(lab in str(e.value) for lab in store.labels)
+    with pytest.raises(UnknownLabelError):
+        store.query({"AU45L": 0.5}, event_type="sneeze")
+    with pytest.raises(ValueError):
+        store.query({"AU45L": [0.9, 0.1]})
+
+
+def test_stale_index_is_an_error(sample_library, tmp_path):
+    lib = tmp_path / "lib"
+    shutil.copytree(sample_library, lib)
+    PrototypeStore.open(lib)  # fresh copy opens
+    table = pq.read_table(lib / "prototypes.parquet")
+    # rewrite one row's keypoints only (not even the indexed features), keeping the file metadata
+    kp = table.column("keypoints").to_pylist()
+    kp[3][0][0] += 0.01
+    table = table.set_column(table.schema.get_field_index("keypoints"), "keypoints", pa.array(kp, PROTOTYPES_SCHEMA.field("keypoints").type))
+    pq.write_table(table, lib / "prototypes.parquet")
+    with pytest.raises(StaleIndexError, match="stale index"):
+        PrototypeStore.open(lib)
+    build_index(lib, IndexConfig())
+    PrototypeStore.open(lib)  # rebuilding fixes it
+
+
+def test_empty_library_is_an_error(tmp_path):
+    write_prototypes(tmp_path / "prototypes.parquet", PROTOTYPES_SCHEMA.empty_table())
+    with pytest.raises(EmptyLibraryError, match="0 prototypes"):
+        build_index(tmp_path, IndexConfig())
+    with pytest.raises(EmptyLibraryError, match="0 prototypes"):
+        PrototypeStore.open(tmp_path)
+
+
+def test_ivf_within_measured_recall(sample_library, tmp_path):
+    src = pq.read_table(sample_library / "prototypes.parquet")
+    write_prototypes(tmp_path / "prototypes.parquet", perturb_prototypes(src, 6000, seed=2))
+    meta = build_index(tmp_path, IndexConfig(ivf_threshold=1000, recall_queries=100))
+    assert meta["kind"] == "ivf_flat_l1" and 0 < meta["nprobe"] <= meta["nlist"]
+    assert meta["recall_at_5"] >= 0.95
+    store = PrototypeStore.open(tmp_path)
+    table = pq.read_table(tmp_path / "prototypes.parquet", columns=["prototype_id", "channel_mean", "channel_max"])
+    fw = _fw(store)
+    hits = total = 0
+    for targets in sample_queries(store.features, 100, seed=99):
+        got = store.query(targets, k=5, arrays=False)
+        _, dist = _oracle(table, targets, fw, 5)
+        assert len(got) == 5
+        hits += sum(m.distance <= dist[-1] + 1e-9 for m in got)
+        total += 5
+        # every returned distance is exact (re-ranked), never below the true optimum
+        assert got[0].distance >= dist[0] - 1e-9
+    assert hits / total >= meta["recall_at_5"] - 0.05
+
+
+def test_prototype_store_imports_no_ray():
+    code = "import sys, prototype_store, prototype_store.segment, prototype_store.sources; sys.exit('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_channels_vocabulary_unchanged():
+    assert len(CONTROL_CHANNELS) == 17
