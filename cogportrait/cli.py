@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder")
     p.add_argument("--workers", type=int, help="Ray workers (CPUs) to use")
     p.set_defaults(func=cmd_curate)
+
+    from prototype_store.cli import add_library_commands  # library build|query|stats|show, kto mine
+
+    add_library_commands(sub)
     return parser
 
 

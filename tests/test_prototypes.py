@@ -1,0 +1,87 @@
+"""prototypes stage: segmentation rules (pure) and the Ray job (same output as the local build)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cogportrait.config import PrototypesConfig
+from cogportrait.schema import CHANNEL_INDEX, N_CHANNELS, PROTOTYPES_SCHEMA
+from prototype_store.fingerprint import parquet_fingerprint, stored_fingerprint
+from prototype_store.segment import ClipSignals, channel_stats, segment_clip
+
+
+def _clip(n=100, events=(), present=None) -> ClipSignals:
+    rng = np.random.default_rng(0)
+    c = rng.uniform(0, 0.1, size=(n, N_CHANNELS)).astype(np.float32)
+    return ClipSignals(
+        clip_id="c1", controls=c, present=np.ones(n, bool) if present is None else present,
+        keypoints=rng.uniform(0, 1, size=(n, 62, 2)).astype(np.float32), residual=np.full(n, 0.02, np.float32),
+        events=list(events), label="drowsiness", identity="p1", video_id="v1",
+    )
+
+
+def test_event_prototypes_have_context_and_windows_carry_label():
+    cfg = PrototypesConfig(context_pad_s=0.2, window_s=2.0, window_hop_s=1.0)
+    ev = {"event_type": "blink", "start_frame": 40, "end_frame": 45, "apex_frame": 42, "eyes": "both"}
+    rows, dropped = segment_clip(_clip(events=[ev]), cfg)
+    blinks = [r for r in rows if r["event_type"] == "blink"]
+    assert len(blinks) == 1
+    b = blinks[0]
+    assert (b["start_frame"], b["end_frame"], b["T"]) == (35, 51, 16)  # 5 frames of context each side
+    windows = [r for r in rows if r["event_type"] == "window"]
+    assert [w["start_frame"] for w in windows] == [0, 25, 50]
+    assert all(w["T"] == 50 and w["label"] == "drowsiness" for w in rows if w["event_type"] == "window")
+    assert set(PROTOTYPES_SCHEMA.names) == set(b)
+    assert np.asarray(b["controls"]).shape == (16, N_CHANNELS)
+    assert np.asarray(b["keypoints"]).shape == (16, 124)
+    # deterministic ids
+    rows2, _ = segment_clip(_clip(events=[ev]), cfg)
+    assert [r["prototype_id"] for r in rows] == [r["prototype_id"] for r in rows2]
+
+
+def test_long_events_truncated_and_flags():
+    cfg = PrototypesConfig(context_pad_s=0.2, max_event_s=1.0)
+    ev = {"event_type": "fixation", "start_frame": 0, "end_frame": 89, "apex_frame": 60, "eyes": ""}
+    present = np.ones(100, bool)
+    present[70:73] = False
+    rows, _ = segment_clip(_clip(events=[ev], present=present), cfg)
+    fix = [r for r in rows if r["event_type"] == "fixation"][0]
+    assert fix["T"] == 25 + 2 * 5
+    assert {"truncated", "face_gaps"} <= set(fix["quality_flags"])
+    assert 0.9 < fix["face_coverage"] < 1.0
+    low = segment_clip(_clip(events=[ev], present=np.zeros(100, bool)), cfg)[0]
+    assert low == []
+
+
+def test_channel_peak_keeps_sign_of_head_angles():
+    c = np.zeros((10, N_CHANNELS), np.float32)
+    c[:, CHANNEL_INDEX["pitch"]] = [0, -3, -9, -14, -8, -2, 0, 1, 2, 1]
+    c[:, CHANNEL_INDEX["AU45L"]] = [0, 0.2, 0.9, 0.3, 0, 0, 0, 0, 0, 0]
+    mean, peak = channel_stats(c)
+    assert peak[CHANNEL_INDEX["pitch"]] == pytest.approx(-14)
+    assert peak[CHANNEL_INDEX["AU45L"]] == pytest.approx(0.9)
+    assert mean[CHANNEL_INDEX["AU45L"]] == pytest.approx(0.14)
+
+
+def test_ray_job_matches_local_build(ray_session, synthetic_upstream, tmp_path):
+    from pipelines.prototypes import run
+    from prototype_store.build import build_prototypes_local
+
+    kwargs = dict(controls=str(synthetic_upstream["controls"]), clips=str(synthetic_upstream["clips"]))
+    metrics = run(PrototypesConfig(out=str(tmp_path / "ray"), **kwargs))
+    local = build_prototypes_local(PrototypesConfig(out=str(tmp_path / "local"), **kwargs))
+    ray_file, local_file = tmp_path / "ray" / "prototypes.parquet", tmp_path / "local" / "prototypes.parquet"
+    assert metrics["prototypes"] == local["prototypes"] > 0
+    assert parquet_fingerprint(ray_file) == parquet_fingerprint(local_file) == stored_fingerprint(ray_file)
+    table = pq.read_table(ray_file)
+    assert table.schema.remove_metadata() == PROTOTYPES_SCHEMA
+    ids = table.column("prototype_id").to_pylist()
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert set(table.column("event_type").to_pylist()) >= {"window", "blink"}
+    assert None not in table.column("label").to_pylist()
+    row = table.slice(0, 1).to_pylist()[0]
+    ctrl = np.asarray(row["controls"])
+    np.testing.assert_allclose(ctrl.mean(axis=0), row["channel_mean"], atol=1e-5)
+    assert (tmp_path / "ray" / "prototypes_metrics.json").exists()
