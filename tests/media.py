@@ -59,3 +59,22 @@ def write_broken_files(folder: Path, real_clip: Path) -> dict[str, Path]:
     paths["zero_byte"].write_bytes(b"")
     paths["text_as_mp4"].write_text("this is not a video, only a text file with an .mp4 name\n" * 20)
     return paths
+
+
+def truncated_faststart(src: Path, dst: Path, keep: float = 0.5) -> Path:
+    """Remux with the index at the front (faststart), then cut the file: it opens, then breaks."""
+    import av
+
+    full = dst.with_suffix(".full.mp4")
+    with av.open(str(src)) as inp, av.open(str(full), "w", format="mp4", options={"movflags": "faststart"}) as out:
+        in_stream = inp.streams.video[0]
+        out_stream = out.add_stream_from_template(in_stream)
+        for packet in inp.demux(in_stream):
+            if packet.dts is None:
+                continue
+            packet.stream = out_stream
+            out.mux(packet)
+    data = full.read_bytes()
+    dst.write_bytes(data[: int(len(data) * keep)])
+    full.unlink()
+    return dst

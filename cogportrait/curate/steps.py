@@ -136,13 +136,15 @@ def scenes_step(row: Row, cfg: CurateConfig) -> list[Row]:
                 t_a, t_b = child["start_s"], child["end_s"]
                 reject(child, "scenes", span.reason, f"{t_b - t_a:.2f} s < {cfg.min_duration_s} s")
             out.append(child)
-    if result.decode_error:
-        # the part after the break is lost to decoding: record it, with its span, as a reject
+    missing = info.n_frames - result.n_frames
+    if result.decode_error or missing > 0.5 * fps:
+        # the part after a break is lost to decoding: record it, with its span, as a reject
+        detail = result.decode_error or f"container claims {info.n_frames} frames, {result.n_frames} decode"
         tail = dict(row)
         tail["start_frame"], tail["end_frame"] = result.n_frames, max(result.n_frames, info.n_frames)
         tail["start_s"], tail["end_s"] = float(times[-1] + period), max(float(times[-1] + period), info.duration_s)
         tail["times"], tail["scene_index"] = b"", len(bounds) - 1
-        out.append(reject(tail, "scenes", "decode_error", result.decode_error))
+        out.append(reject(tail, "scenes", "decode_error", detail))
     for child in out:
         child["t_scenes"] = 0.0
     out[0]["t_scenes"] = time.perf_counter() - t0
