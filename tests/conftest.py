@@ -64,3 +64,17 @@ def sample_library(library_upstream, tmp_path_factory) -> Path:
     )
     build_index(out, IndexConfig(exact_scan_max=0))
     return out
+
+
+@pytest.fixture(scope="session")
+def curated_sample(tmp_path_factory, ray_session) -> Path:
+    """The curate job's output on the bundled sample dataset (run once per session).
+
+    Downstream tests (extract, invert, prototypes) build on ``<dir>/clips.parquet``.
+    """
+    from cogportrait.config import CurateConfig
+    from pipelines.curate import run
+
+    out = tmp_path_factory.mktemp("curated_sample")
+    run(CurateConfig(manifest=str(SAMPLE_MANIFEST), out=str(out), num_workers=2))
+    return out
