@@ -24,6 +24,8 @@ CLIP_META_COLUMNS = ("clip_id", "video_id", "label", "identity", "audio_path", "
 def upstream_paths(controls_dir: str | Path) -> dict[str, Path]:
     d = Path(controls_dir)
     paths = {name: d / f"{name}.parquet" for name in ("controls", "events", "frames")}
+    if not paths["frames"].exists() and (d.parent / "extract" / "frames.parquet").exists():
+        paths["frames"] = d.parent / "extract" / "frames.parquet"  # extract's own output folder
     if not paths["controls"].exists():
         raise FileNotFoundError(f"no controls.parquet in {d}: point --controls at invert's output folder")
     return paths
