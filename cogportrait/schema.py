@@ -248,6 +248,8 @@ FRAMES_SCHEMA = pa.schema(
         pa.field("au", _f32_list(len(AU_PROXY_NAMES))),
         pa.field("gaze", _f32_list(len(GAZE_PROXY_NAMES))),
         pa.field("head_pose", _f32_list(3)),  # yaw, pitch, roll in degrees
+        pa.field("width", pa.int32()),  # clip frame size: landmarks -> pixel units
+        pa.field("height", pa.int32()),
     ]
 )
 

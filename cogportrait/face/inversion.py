@@ -1,0 +1,187 @@
+"""Recover the 17 controls from pose-normalised keypoints with the linear face model.
+
+Per frame: gaze first from the iris points, then the AUs from lids and brows with the gaze part
+removed (the paper's "separately"), each by bounded least squares so that controls stay in
+[0, 1]. Then over time: AU41 (lid droop) from the lid-to-iris distance outside blinks, and the
+part of the lid closure it explains is taken out of AU45. Head pose comes from the matrix.
+mapping.py is the exact inverse of these steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cogportrait.face.model import (
+    FIT_AU_INDEX,
+    FIT_AUS,
+    IRIS_DIMS,
+    N_DIMS,
+    NON_IRIS_DIMS,
+    Baseline,
+    LinearFaceModel,
+)
+from cogportrait.face.pose import EYE_UPPER_MID
+from cogportrait.face.proxies import rectify_gaze
+from cogportrait.schema import CHANNEL_INDEX, N_CHANNELS, keypoint_slice
+
+AU45 = (CHANNEL_INDEX["AU45L"], CHANNEL_INDEX["AU45R"])
+AU41 = CHANNEL_INDEX["AU41"]
+
+
+@dataclass(frozen=True)
+class InversionSettings:
+    z_weight: float = 0.5  # weight of depth rows (MediaPipe z is the noisiest coordinate)
+    iterations: int = 60  # coordinate-descent sweeps of the bounded solve
+    blink_au45_delta: float = 0.25  # AU45 above rest by this much = a blink is under way (AU41 masked)
+    au41_smooth_frames: int = 7  # ~300 ms at 25 fps
+    au41_gaze_regress: bool = True
+
+
+def row_weights(z_weight: float) -> np.ndarray:
+    w = np.ones(N_DIMS)
+    w[2::3] = z_weight
+    return w
+
+
+def solve_box_ls(a: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, iterations: int = 60) -> np.ndarray:
+    """min ‖x A − y‖² s.t. lo ≤ x ≤ hi, for every row of y at once (A: k x m, y: N x m).
+
+    Cyclic coordinate descent on the normal equations, vectorised over frames: the problem is
+    tiny (k ≤ 9) and shared by all frames, so this runs at ~10⁵ frames/s where a per-frame
+    scipy.optimize.lsq_linear call would manage ~10³.
+    """
+    h = a @ a.T
+    h = h + 1e-9 * np.trace(h) * np.eye(len(h))
+    g = y @ a.T  # N x k
+    diag = np.diag(h)
+    x = np.clip(np.linalg.solve(h, g.T).T, lo, hi)  # unconstrained solution, clipped: a good start
+    xh = x @ h
+    for _ in range(iterations):
+        for j in range(len(h)):
+            new = np.clip(x[:, j] + (g[:, j] - xh[:, j]) / diag[j], lo[j], hi[j])
+            step = new - x[:, j]
+            if np.any(step):
+                xh += step[:, None] * h[j][None, :]
+                x[:, j] = new
+    return x
+
+
+def lid_au45_gain(model: LinearFaceModel, baseline: Baseline) -> np.ndarray:
+    """AU45 units per unit of AU41, per eye: rest lid-iris gap (c0·r) / upper-lid drop per AU45."""
+    gains = np.zeros(2)
+    for e, side in enumerate(("left", "right")):
+        mid = keypoint_slice(f"{side}_eye").start + EYE_UPPER_MID
+        drop = -model.basis_au[FIT_AUS.index(f"AU45{side[0].upper()}"), mid * 3 + 1]
+        gap = baseline.lid_above_iris[e] * baseline.iris_radius[e]
+        gains[e] = gap / drop if drop > 1e-6 else 0.0
+    return gains
+
+
+def solve_frames(
+    canon: np.ndarray, model: LinearFaceModel, baseline: Baseline, settings: InversionSettings = InversionSettings()
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-frame bounded solve. canon: T x 62 x 3 (NaN rows allowed).
+
+    Returns (fitted AU values T x 9 in [0, 1], signed gaze T x 2 in [-1, 1], residual error T
+    = mean keypoint distance to the model's reconstruction, IOD units).
+    """
+    t = len(canon)
+    d = canon.reshape(t, N_DIMS) - baseline.keypoints.reshape(N_DIMS)
+    ok = np.all(np.isfinite(d), axis=1)
+    w = np.sqrt(row_weights(settings.z_weight))
+    au = np.full((t, len(FIT_AUS)), np.nan)
+    gz = np.full((t, 2), np.nan)
+    err = np.full(t, np.nan)
+    if not ok.any():
+        return au, gz, err
+    dv = d[ok] * w
+    bg = model.basis_gaze * w
+    ba = model.basis_au * w
+    # 1. gaze from the iris points
+    g_lo, g_hi = -1.0 - baseline.gaze, 1.0 - baseline.gaze
+    dg = solve_box_ls(bg[:, IRIS_DIMS], dv[:, IRIS_DIMS], g_lo, g_hi, settings.iterations)
+    # 2. AUs from lids and brows, gaze part removed
+    rest_au = baseline.au[list(FIT_AU_INDEX)]
+    resid = dv - dg @ bg
+    da = solve_box_ls(ba[:, NON_IRIS_DIMS], resid[:, NON_IRIS_DIMS], -rest_au, 1.0 - rest_au, settings.iterations)
+    au[ok] = rest_au + da
+    gz[ok] = baseline.gaze + dg
+    recon = (da @ model.basis_au + dg @ model.basis_gaze).reshape(-1, 62, 3)
+    err[ok] = np.linalg.norm(recon - d[ok].reshape(-1, 62, 3), axis=2).mean(axis=1)
+    return au, gz, err
+
+
+def _interp_nan(x: np.ndarray) -> np.ndarray:
+    ok = np.isfinite(x)
+    if ok.all() or not ok.any():
+        return np.where(ok, x, 0.0) if not ok.any() else x
+    idx = np.arange(len(x))
+    return np.interp(idx, idx[ok], x[ok])
+
+
+def _smooth(x: np.ndarray, n: int) -> np.ndarray:
+    if n <= 1 or len(x) == 0:
+        return x
+    pad = n // 2
+    xp = np.pad(x, pad, mode="edge")
+    return np.convolve(xp, np.ones(n) / n, mode="valid")[: len(x)]
+
+
+def au41_over_time(
+    lid_above_iris: np.ndarray,
+    blinking: np.ndarray,
+    gaze_down: np.ndarray,
+    baseline: Baseline,
+    settings: InversionSettings = InversionSettings(),
+) -> np.ndarray:
+    """AU41 per frame (T), mean of both eyes: DESIGN.md's clip((c0 − c_t)/c0, 0, 1).
+
+    lid_above_iris: T x 2 (left, right) c_t; computed only where no blink is under way (blink
+    frames are interpolated), the part explained by gaze_down regressed out, smoothed ~300 ms.
+    """
+    t = len(lid_above_iris)
+    if t == 0:
+        return np.zeros(0)
+    c0 = baseline.lid_above_iris
+    raw = (c0[None, :] - lid_above_iris) / np.where(np.abs(c0) > 1e-6, c0, 1e-6)[None, :]
+    raw = raw.mean(axis=1)
+    valid = np.isfinite(raw) & ~blinking
+    raw = np.where(valid, raw, np.nan)
+    gd = np.nan_to_num(gaze_down)
+    if settings.au41_gaze_regress and valid.sum() >= 5 and np.var(gd[valid]) > 1e-6:
+        beta = max(0.0, float(np.cov(raw[valid], gd[valid])[0, 1] / np.var(gd[valid])))
+        raw = raw - beta * gd
+    raw = _interp_nan(raw)
+    return np.clip(_smooth(raw, settings.au41_smooth_frames), 0.0, 1.0)
+
+
+def invert_clip(
+    canon: np.ndarray,
+    lid_above_iris: np.ndarray,
+    head_pose: np.ndarray,
+    model: LinearFaceModel,
+    baseline: Baseline,
+    settings: InversionSettings = InversionSettings(),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Controls T x 17 (DESIGN order; NaN where no face) and residual error T (IOD units)."""
+    t = len(canon)
+    controls = np.full((t, N_CHANNELS), np.nan, dtype=np.float64)
+    au, gz, err = solve_frames(canon, model, baseline, settings)
+    ok = np.isfinite(err)
+    controls[:, list(FIT_AU_INDEX)] = au
+    rect = rectify_gaze(gz)
+    controls[:, CHANNEL_INDEX["gaze_left"] : CHANNEL_INDEX["gaze_down"] + 1] = rect
+    controls[:, CHANNEL_INDEX["yaw"] :] = head_pose
+    if ok.any():
+        rest45 = baseline.au[list(AU45)]
+        blinking = np.any(au[:, [FIT_AUS.index("AU45L"), FIT_AUS.index("AU45R")]] - rest45 > settings.blink_au45_delta, axis=1)
+        blinking = blinking | ~ok
+        a41 = au41_over_time(lid_above_iris, blinking, rect[:, 3], baseline, settings)
+        gains = lid_au45_gain(model, baseline)
+        for e, ch in enumerate(AU45):
+            controls[:, ch] = np.clip(controls[:, ch] - gains[e] * a41, 0.0, 1.0)
+        controls[:, AU41] = a41
+    controls[~ok, :14] = np.nan
+    return controls, err

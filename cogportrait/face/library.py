@@ -1,0 +1,293 @@
+"""Clip-level steps of the inversion job, as plain functions over numpy arrays.
+
+pipelines/invert.py strings these together with Ray; everything numeric lives here so it can be
+tested without Ray. A clip travels between steps as a ``ClipSignals`` (one clip's frames).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from cogportrait.face.extract import list_column
+from cogportrait.face.inversion import InversionSettings, invert_clip
+from cogportrait.face.model import (
+    FIT_AU_INDEX,
+    FIT_AUS,
+    N_DIMS,
+    N_REG,
+    Baseline,
+    ClipStats,
+    LinearFaceModel,
+    estimate_baseline,
+    group_dims,
+    regressors,
+    rest_mask,
+    ridge_solve,
+    sse,
+)
+from cogportrait.face.pose import NORMALISE_INDICES, canonical_clip, lid_features
+from cogportrait.face.proxies import signed_gaze
+from cogportrait.schema import AU_CHANNELS, CHANNEL_INDEX, KEYPOINT_GROUPS, N_CHANNELS
+
+LID_KEYS = (
+    "aperture_left", "aperture_right", "lid_above_iris_left", "lid_above_iris_right", "iris_radius_left", "iris_radius_right",
+)
+
+
+@dataclass
+class ClipSignals:
+    clip_id: str
+    identity: str
+    frame: np.ndarray  # T
+    present: np.ndarray  # T bool
+    canon: np.ndarray  # T x 62 x 3 canonical keypoints (NaN where no face)
+    lid: dict[str, np.ndarray]  # LID_KEYS -> T
+    au: np.ndarray  # T x 10 proxies
+    gaze: np.ndarray  # T x 2 signed proxies
+    head_pose: np.ndarray  # T x 3 degrees
+    iod_px: float
+
+    def lid_matrix(self) -> np.ndarray:
+        return np.stack([self.lid[k] for k in LID_KEYS], axis=1) if len(self.frame) else np.zeros((0, len(LID_KEYS)))
+
+
+def select_normalise_points(landmarks_flat: np.ndarray) -> np.ndarray:
+    """T x 1434 landmarks -> T x (62 + anchors) x 3: only what pose normalisation needs."""
+    return landmarks_flat.reshape(-1, 478, 3)[:, list(NORMALISE_INDICES), :]
+
+
+def prepare_clip(table: pa.Table, identity: str, mirrored: bool, refine: str = "similarity") -> ClipSignals:
+    """One clip's frames (sorted by frame) -> pose-normalised signals.
+
+    ``table`` holds clip_id, frame, face_present, points (T x 78·3 selected landmarks), transform,
+    au, gaze, head_pose, width, height.
+    """
+    table = table.sort_by("frame")
+    t = table.num_rows
+    clip_id = table.column("clip_id")[0].as_py()
+    present = np.asarray(table.column("face_present").to_numpy(zero_copy_only=False), dtype=bool)
+    pts = list_column(table, "points", len(NORMALISE_INDICES) * 3).reshape(t, -1, 3)
+    tr = list_column(table, "transform", 16)
+    au = list_column(table, "au", 10).astype(np.float64)
+    gz4 = list_column(table, "gaze", 4).astype(np.float64)
+    pose = list_column(table, "head_pose", 3).astype(np.float64)
+    width = int(table.column("width")[0].as_py())
+    height = int(table.column("height")[0].as_py())
+    present = present & np.all(np.isfinite(pts.reshape(t, -1)), axis=1) & np.all(np.isfinite(tr), axis=1)
+    canon, _, iod = canonical_clip(pts, tr, width, height, present, mirrored=mirrored, refine=refine)
+    return ClipSignals(
+        clip_id=clip_id,
+        identity=identity,
+        frame=table.column("frame").to_numpy().astype(np.int64),
+        present=present,
+        canon=canon,
+        lid=lid_features(canon),
+        au=au,
+        gaze=signed_gaze(gz4),
+        head_pose=pose,
+        iod_px=iod,
+    )
+
+
+@dataclass(frozen=True)
+class RestSettings:
+    quantile: float = 0.4
+    max_angle_deg: float = 20.0
+    min_frames: int = 5
+    max_frames_per_clip: int = 200
+
+
+def rest_frames(sig: ClipSignals, settings: RestSettings = RestSettings()) -> np.ndarray:
+    """Indices of the clip's rest frames (at most ``max_frames_per_clip``, evenly spread)."""
+    mask = rest_mask(sig.au, sig.gaze, sig.head_pose, sig.present, settings.quantile, settings.max_angle_deg, settings.min_frames)
+    idx = np.flatnonzero(mask)
+    if len(idx) > settings.max_frames_per_clip:
+        idx = idx[np.linspace(0, len(idx) - 1, settings.max_frames_per_clip).astype(int)]
+    return idx
+
+
+def baseline_from_rest(identity: str, parts: list[tuple[ClipSignals, np.ndarray]]) -> Baseline:
+    """Pool the rest frames of an identity's clips into one baseline."""
+    canon = np.concatenate([s.canon[i] for s, i in parts])
+    au = np.concatenate([s.au[i] for s, i in parts])
+    gz = np.concatenate([s.gaze[i] for s, i in parts])
+    lid = {k: np.concatenate([s.lid[k][i] for s, i in parts]) for k in LID_KEYS}
+    rest = np.ones(len(canon), dtype=bool)
+    return estimate_baseline(identity, canon, au, gz, lid, rest)
+
+
+def fit_rows(sig: ClipSignals, baseline: Baseline) -> tuple[np.ndarray, np.ndarray]:
+    """Design matrix X and residuals D of the clip's usable frames (face present, proxies finite)."""
+    t = len(sig.frame)
+    x = regressors(sig.au, sig.gaze, baseline)
+    d = sig.canon.reshape(t, N_DIMS) - baseline.keypoints.reshape(N_DIMS)
+    ok = sig.present & np.all(np.isfinite(x), axis=1) & np.all(np.isfinite(d), axis=1)
+    return x[ok], d[ok]
+
+
+def clip_stats(sig: ClipSignals, baseline: Baseline) -> ClipStats:
+    x, d = fit_rows(sig, baseline)
+    return ClipStats.of(x, d) if len(x) else ClipStats.zero()
+
+
+GROUP_DIMS: dict[str, np.ndarray] = {g: group_dims(g) for g in KEYPOINT_GROUPS}
+GROUP_DIMS["iris"] = np.concatenate([GROUP_DIMS["left_iris"], GROUP_DIMS["right_iris"]])
+GROUP_DIMS["eyes"] = np.concatenate([GROUP_DIMS["left_eye"], GROUP_DIMS["right_eye"]])
+GROUP_DIMS["brows"] = np.concatenate([GROUP_DIMS["left_brow"], GROUP_DIMS["right_brow"]])
+GROUP_DIMS["overall"] = np.arange(N_DIMS)
+
+
+def r2_by_group(stats_by_clip: dict[str, ClipStats], bases: dict[str, np.ndarray], planar: bool = False) -> dict[str, float]:
+    """Pooled R² per keypoint group of each clip's data under the basis given for that clip.
+
+    ``planar`` scores the x, y coordinates only (what Stage 2 renders); else x, y, z.
+    """
+    total = ClipStats.zero()
+    for s in stats_by_clip.values():
+        total = total + s
+    if total.n == 0:
+        return {g: float("nan") for g in GROUP_DIMS}
+    mean = total.dsum / total.n
+    sst = total.dsq - total.n * mean**2
+    err = np.zeros(N_DIMS)
+    for cid, s in stats_by_clip.items():
+        if s.n:
+            err += sse(s, bases[cid])
+    out = {}
+    for g, dims in GROUP_DIMS.items():
+        if planar:
+            dims = dims[dims % 3 != 2]
+        out[g] = float(1.0 - err[dims].sum() / sst[dims].sum())
+    return out
+
+
+def loco_bases(stats_by_clip: dict[str, ClipStats], ridge: float) -> dict[str, np.ndarray]:
+    """The basis fitted without each clip (needs at least two clips with frames)."""
+    total = ClipStats.zero()
+    for s in stats_by_clip.values():
+        total = total + s
+    out = {}
+    for cid, s in stats_by_clip.items():
+        rest = total - s
+        out[cid] = ridge_solve(rest, ridge) if rest.n >= N_REG else np.full((N_REG, N_DIMS), np.nan)
+    return out
+
+
+def invert_signals(
+    sig: ClipSignals, model: LinearFaceModel, baseline: Baseline, settings: InversionSettings = InversionSettings()
+) -> tuple[np.ndarray, np.ndarray]:
+    """Controls T x 17 and residual error T for one clip."""
+    return invert_clip(
+        sig.canon,
+        np.stack([sig.lid["lid_above_iris_left"], sig.lid["lid_above_iris_right"]], axis=1),
+        sig.head_pose,
+        model,
+        baseline,
+        settings,
+    )
+
+
+# channels compared with their proxies (AU41 has none)
+PROXY_COMPARED: tuple[str, ...] = tuple(c for c in AU_CHANNELS if c != "AU41") + ("gaze_horizontal", "gaze_vertical")
+
+
+def proxy_matrix(sig: ClipSignals) -> np.ndarray:
+    """T x len(PROXY_COMPARED): the proxies the inverted channels are compared with."""
+    return np.concatenate([sig.au[:, list(FIT_AU_INDEX)], sig.gaze], axis=1)
+
+
+def inverted_matrix(controls: np.ndarray) -> np.ndarray:
+    """The inverted counterparts of proxy_matrix columns."""
+    c = controls
+    h = c[:, CHANNEL_INDEX["gaze_left"]] - c[:, CHANNEL_INDEX["gaze_right"]]
+    v = c[:, CHANNEL_INDEX["gaze_up"]] - c[:, CHANNEL_INDEX["gaze_down"]]
+    return np.concatenate([c[:, list(FIT_AU_INDEX)], h[:, None], v[:, None]], axis=1)
+
+
+def correlations(inv: np.ndarray, prox: np.ndarray) -> dict[str, float]:
+    """Pearson r per compared channel over rows where both are finite."""
+    out = {}
+    for j, name in enumerate(PROXY_COMPARED):
+        ok = np.isfinite(inv[:, j]) & np.isfinite(prox[:, j])
+        if ok.sum() < 3 or np.std(inv[ok, j]) < 1e-9 or np.std(prox[ok, j]) < 1e-9:
+            out[name] = float("nan")
+        else:
+            out[name] = float(np.corrcoef(inv[ok, j], prox[ok, j])[0, 1])
+    return out
+
+
+assert N_CHANNELS == 17 and len(FIT_AUS) == 9
+
+
+def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
+    """Arrays -> npz bytes (no pickle), to carry one clip's arrays in one Arrow binary cell."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    return buf.getvalue()
+
+
+def unpack_arrays(blob: bytes) -> dict[str, np.ndarray]:
+    import io
+
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def pack_signals(sig: ClipSignals) -> bytes:
+    return pack_arrays(
+        {
+            "frame": sig.frame, "present": sig.present, "canon": sig.canon.astype(np.float32), "lid": sig.lid_matrix(),
+            "au": sig.au, "gaze": sig.gaze, "head_pose": sig.head_pose, "iod_px": np.array(sig.iod_px),
+        }
+    )
+
+
+def unpack_signals(clip_id: str, identity: str, blob: bytes) -> ClipSignals:
+    a = unpack_arrays(blob)
+    return ClipSignals(
+        clip_id=clip_id, identity=identity, frame=a["frame"], present=a["present"].astype(bool),
+        canon=a["canon"].astype(np.float64), lid={k: a["lid"][:, i] for i, k in enumerate(LID_KEYS)},
+        au=a["au"], gaze=a["gaze"], head_pose=a["head_pose"], iod_px=float(a["iod_px"]),
+    )
+
+
+@dataclass
+class CorrSums:
+    """Running sums for a pooled Pearson correlation per channel (mergeable across clips)."""
+
+    n: np.ndarray
+    sx: np.ndarray
+    sy: np.ndarray
+    sxx: np.ndarray
+    syy: np.ndarray
+    sxy: np.ndarray
+
+    @staticmethod
+    def of(x: np.ndarray, y: np.ndarray) -> CorrSums:
+        ok = np.isfinite(x) & np.isfinite(y)
+        x, y = np.where(ok, x, 0.0), np.where(ok, y, 0.0)
+        return CorrSums(ok.sum(0).astype(float), x.sum(0), y.sum(0), (x * x).sum(0), (y * y).sum(0), (x * y).sum(0))
+
+    def __add__(self, o: CorrSums) -> CorrSums:
+        return CorrSums(*(getattr(self, f) + getattr(o, f) for f in ("n", "sx", "sy", "sxx", "syy", "sxy")))
+
+    def as_array(self) -> np.ndarray:
+        return np.stack([self.n, self.sx, self.sy, self.sxx, self.syy, self.sxy])
+
+    @staticmethod
+    def from_array(a: np.ndarray) -> CorrSums:
+        return CorrSums(*a)
+
+    def r(self) -> np.ndarray:
+        n = np.maximum(self.n, 1)
+        cov = self.sxy / n - self.sx * self.sy / n**2
+        vx = self.sxx / n - (self.sx / n) ** 2
+        vy = self.syy / n - (self.sy / n) ** 2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = cov / np.sqrt(vx * vy)
+        return np.where((vx > 1e-12) & (vy > 1e-12) & (self.n >= 3), r, np.nan)

@@ -1,0 +1,337 @@
+"""invert: per-frame face signals -> 17-channel controls, face model, behaviour events.
+
+    frames ─points (1:1)─▶ ─group by clip (N:1)─▶ clip signals ─┬─ rest frames (1:1) ─▶ baselines (driver)
+                                                                ├─ fit stats (1:1) ───▶ ridge fit + LOCO (driver)
+                                                                └─ invert (1:1) ─┬─ controls rows (1:N) ─▶ controls.parquet
+                                                                                 └─ events (1:N) ───────▶ events.parquet
+
+After the one shuffle that gathers a clip's frames, a clip is one row (its arrays packed as npz
+bytes), so every later step is a 1:1 or 1:N map. The face model is fitted over the whole dataset
+from per-clip sufficient statistics in the driver (tiny matrices), which also gives exact
+leave-one-clip-out (LOCO) fits for the quality metrics.
+
+Run: ``cogportrait invert --frames data/extract --out data/invert``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+
+from cogportrait.behavior.events import detect_events, event_rows
+from cogportrait.config import EventsConfig, InvertConfig
+from cogportrait.face.extract import frames_files
+from cogportrait.face.inversion import InversionSettings
+from cogportrait.face.library import (
+    PROXY_COMPARED,
+    ClipStats,
+    CorrSums,
+    RestSettings,
+    baseline_from_rest,
+    clip_stats,
+    inverted_matrix,
+    invert_signals,
+    loco_bases,
+    pack_arrays,
+    pack_signals,
+    prepare_clip,
+    proxy_matrix,
+    r2_by_group,
+    rest_frames,
+    select_normalise_points,
+    unpack_arrays,
+    unpack_signals,
+)
+from cogportrait.face.model import FIT_AUS, Baseline, LinearFaceModel
+from cogportrait.face.extract import list_column
+from cogportrait.io.atomic import AtomicParquetWriter, atomic_dir, write_json, write_table
+from cogportrait.schema import CLIPS_SCHEMA, CONTROLS_SCHEMA, EVENTS_SCHEMA, N_CHANNELS, REJECTS_SCHEMA, check_reason
+
+log = logging.getLogger("cogportrait.invert")
+
+LIGHT_CPUS = 0.25
+FRAME_COLUMNS = ["clip_id", "frame", "face_present", "landmarks", "transform", "au", "gaze", "head_pose", "width", "height"]
+
+
+def select_points(batch: pa.Table) -> pa.Table:
+    """Keep only the 78 landmarks pose normalisation needs (shrinks the shuffle ~6×)."""
+    lm = list_column(batch, "landmarks", 478 * 3)
+    pts = select_normalise_points(lm).reshape(batch.num_rows, -1).astype(np.float32)
+    present = batch.column("face_present")
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(pts.ravel()), pts.shape[1], mask=pc.invert(present.combine_chunks()))
+    return batch.drop_columns(["landmarks"]).append_column("points", arr)
+
+
+class PrepareClip:
+    """N:1 — one clip's frames -> one row holding its pose-normalised signals."""
+
+    def __init__(self, clip_info: dict[str, tuple[str, bool]], refine: str) -> None:
+        self.clip_info = clip_info
+        self.refine = refine
+
+    def __call__(self, group: pa.Table) -> pa.Table:
+        cid = group.column("clip_id")[0].as_py()
+        identity, mirrored = self.clip_info.get(cid, (f"clip:{cid}", False))
+        sig = prepare_clip(group, identity, mirrored, refine=self.refine)
+        return pa.table({"clip_id": [cid], "identity": [identity], "signals": pa.array([pack_signals(sig)], pa.binary())})
+
+
+def _sig(row: dict):
+    return unpack_signals(row["clip_id"], row["identity"], row["signals"])
+
+
+def rest_step(row: dict, rest: RestSettings) -> dict:
+    """1:1 — a clip's rest frames (at most rest.max_frames_per_clip) for the identity baseline."""
+    sig = _sig(row)
+    idx = rest_frames(sig, rest)
+    blob = pack_arrays({"canon": sig.canon[idx], "au": sig.au[idx], "gaze": sig.gaze[idx], "lid": sig.lid_matrix()[idx]})
+    return {"clip_id": row["clip_id"], "identity": row["identity"], "rest": blob, "n_rest": len(idx)}
+
+
+def stats_step(row: dict, baselines: dict[str, Baseline]) -> dict:
+    """1:1 — the clip's sufficient statistics for the ridge fit."""
+    st = clip_stats(_sig(row), baselines[row["identity"]])
+    return {"clip_id": row["clip_id"], "stats": pack_arrays({"n": np.array(st.n), "xtx": st.xtx, "xtd": st.xtd, "dsum": st.dsum, "dsq": st.dsq})}
+
+
+class InvertClip:
+    """1:1 — controls, residual error and events of one clip (model + baselines held once)."""
+
+    def __init__(self, model: LinearFaceModel, baselines: dict[str, Baseline], loco: dict[str, np.ndarray],
+                 settings: InversionSettings, events: EventsConfig) -> None:
+        self.model, self.baselines, self.loco, self.settings, self.events = model, baselines, loco, settings, events
+
+    def __call__(self, row: dict) -> dict:
+        sig = _sig(row)
+        base = self.baselines[row["identity"]]
+        controls, err = invert_signals(sig, self.model, base, self.settings)
+        prox = proxy_matrix(sig)
+        fit_corr = CorrSums.of(inverted_matrix(controls), prox)
+        loco_basis = self.loco.get(row["clip_id"])
+        if loco_basis is not None and np.all(np.isfinite(loco_basis)):
+            loco_controls, _ = invert_signals(sig, LinearFaceModel(loco_basis, self.model.ridge), base, self.settings)
+            loco_corr = CorrSums.of(inverted_matrix(loco_controls), prox)
+        else:
+            loco_corr = CorrSums.of(np.full_like(prox, np.nan), prox)
+        aperture = np.stack([sig.lid["aperture_left"], sig.lid["aperture_right"]], axis=1)
+        events = event_rows(row["clip_id"], sig.frame, detect_events(controls, aperture, sig.present, self.events))
+        return {
+            "clip_id": row["clip_id"],
+            "result": pack_arrays({"frame": sig.frame, "present": sig.present, "controls": controls.astype(np.float32),
+                                   "err": err.astype(np.float32)}),
+            "fit_corr": fit_corr.as_array().ravel().tolist(),
+            "loco_corr": loco_corr.as_array().ravel().tolist(),
+            "events": events,
+            "err_sum": float(np.nansum(err)),
+            "err_n": int(np.isfinite(err).sum()),
+        }
+
+
+def controls_rows(row: dict) -> list[dict]:
+    """1:N — one clip's result -> CONTROLS_SCHEMA rows (face-lost frames: null controls)."""
+    a = unpack_arrays(row["result"])
+    out = []
+    for i, f in enumerate(a["frame"]):
+        ok = bool(a["present"][i]) and np.isfinite(a["err"][i])
+        out.append({
+            "clip_id": row["clip_id"], "frame": int(f), "face_present": bool(a["present"][i]),
+            "controls": a["controls"][i].tolist() if ok else None,
+            "residual_error": float(a["err"][i]) if ok else None,
+        })
+    return out
+
+
+def _clip_info(frames_dir: Path) -> tuple[dict[str, tuple[str, bool]], pa.Table | None]:
+    """clip_id -> (identity key, mirrored) from extract's clips.parquet; unknown identity = per clip."""
+    path = frames_dir / "clips.parquet"
+    if not path.exists():
+        return {}, None
+    clips = pq.read_table(path, schema=CLIPS_SCHEMA)
+    info = {}
+    for r in clips.select(["clip_id", "identity", "mirrored"]).to_pylist():
+        ident = r["identity"]
+        if not ident or ident == "unknown":
+            ident = f"clip:{r['clip_id']}"
+        info[r["clip_id"]] = (ident, bool(r["mirrored"]))
+    return info, clips
+
+
+def run(cfg: InvertConfig, events_cfg: EventsConfig | None = None) -> dict:
+    """Run the job; returns the metrics also written to ``metrics.json``."""
+    t_start = time.perf_counter()
+    events_cfg = events_cfg or EventsConfig()
+    frames_dir = Path(cfg.frames).resolve()
+    out_dir = Path(cfg.out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = frames_files(frames_dir)
+    if not files:
+        raise FileNotFoundError(f"no frames-*.parquet or frames.parquet in {frames_dir}; run extract first")
+    clip_info, clips = _clip_info(frames_dir)
+    settings = InversionSettings(cfg.z_weight, cfg.solver_iterations, cfg.blink_au45_delta, cfg.au41_smooth_frames)
+    rest = RestSettings(cfg.rest_quantile, cfg.rest_max_angle_deg, cfg.rest_min_frames, cfg.rest_max_frames_per_clip)
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=cfg.num_workers, include_dashboard=False, configure_logging=False)
+    DataContext.get_current().target_max_block_size = 128 * 1024 * 1024
+    n = cfg.num_workers
+    ds = ray.data.read_parquet([str(f) for f in files], columns=FRAME_COLUMNS, schema=None)
+    # 1:1 frame -> frame; 478 landmarks -> the 78 normalisation points        (light CPU)
+    ds = ds.map_batches(select_points, batch_format="pyarrow", num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n))
+    # N:1 clip's frames -> clip signals; pose removal, IOD, lid geometry       (shuffle by clip)
+    ds = ds.groupby("clip_id").map_groups(
+        PrepareClip, fn_constructor_kwargs={"clip_info": clip_info, "refine": cfg.pose_refine},
+        batch_format="pyarrow", num_cpus=LIGHT_CPUS, compute=ActorPoolStrategy(size=n),
+    )
+    clips_ds = ds.materialize()
+    n_clips = clips_ds.count()
+
+    # 1:1 clip -> rest frames (≤ rest_max_frames_per_clip)                  (light CPU)
+    rest_rows = clips_ds.map(rest_step, fn_kwargs={"rest": rest}, num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n)).take_all()
+    by_identity: dict[str, list] = defaultdict(list)
+    for r in rest_rows:
+        if r["n_rest"]:
+            by_identity[r["identity"]].append(unpack_arrays(r["rest"]))
+    baselines: dict[str, Baseline] = {}
+    for ident, parts in by_identity.items():
+        baselines[ident] = _baseline(ident, parts)
+    no_rest = sorted({r["clip_id"] for r in rest_rows if r["identity"] not in baselines})
+    good = clips_ds.filter(lambda r: r["identity"] in baselines) if no_rest else clips_ds
+
+    # 1:1 clip -> sufficient statistics (XᵀX, XᵀD, sums)                     (light CPU)
+    stat_rows = good.map(stats_step, fn_kwargs={"baselines": baselines}, num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n)).take_all()
+    stats = {r["clip_id"]: _stats(unpack_arrays(r["stats"])) for r in stat_rows}
+    total = ClipStats.zero()
+    for s in stats.values():
+        total = total + s
+    meta = {"clips": len(stats), "frames": int(total.n), "identities": len(baselines), "frames_dir": str(frames_dir)}
+    model = LinearFaceModel.fit(total, cfg.ridge, meta)
+    loco = loco_bases(stats, cfg.ridge) if len(stats) >= 2 else {}
+
+    # 1:1 clip -> controls, residuals, events, correlation sums              (actor per core)
+    results = good.map(
+        InvertClip,
+        fn_constructor_kwargs={"model": model, "baselines": baselines, "loco": loco, "settings": settings, "events": events_cfg},
+        compute=ActorPoolStrategy(size=n), num_cpus=LIGHT_CPUS,
+    ).materialize()
+
+    n_rows = 0
+    with AtomicParquetWriter(out_dir / "controls.parquet", CONTROLS_SCHEMA) as writer:
+        # 1:N clip -> one controls row per frame                                (light CPU)
+        for batch in results.flat_map(controls_rows, num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n)).iter_batches(batch_format="pyarrow", batch_size=4096):
+            writer.write_table(batch)
+        n_rows = writer.num_rows
+    summaries = results.select_columns(["clip_id", "fit_corr", "loco_corr", "events", "err_sum", "err_n"]).take_all()
+    event_list = [e for r in summaries for e in r["events"]]
+    n_events = write_table(out_dir / "events.parquet", event_list, EVENTS_SCHEMA)
+    with atomic_dir(out_dir / "face_model") as tmp:
+        model.save(tmp, baselines)
+
+    reject_rows = []
+    for cid in no_rest:
+        check_reason("invert", "no_face")
+        reject_rows.append({"video_id": cid, "stage": "invert", "reason": "no_face", "detail": "no frame with a usable face"})
+    write_table(out_dir / "rejects.parquet", reject_rows, REJECTS_SCHEMA)
+
+    metrics = _metrics(cfg, stats, model, loco, summaries, baselines)
+    wall = time.perf_counter() - t_start
+    metrics.update({
+        "clips": n_clips - len(no_rest), "rejects": len(no_rest), "frames": n_rows, "events": n_events,
+        "events_by_type": dict(Counter(e["event_type"] for e in event_list)),
+        "wall_seconds": round(wall, 3), "workers": n,
+        "frames_per_second": round(n_rows / wall, 1) if wall > 0 else None,
+        "frames_per_second_per_core": round(n_rows / wall / n, 1) if wall > 0 else None,
+        "peak_rss_mb_driver": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    })
+    write_json(out_dir / "metrics.json", metrics)
+    if clips is not None:
+        log.info("invert: %d clips (%d listed by extract)", n_clips, clips.num_rows)
+    log.info("invert: %d frames, %d events in %.1f s; gates %s", n_rows, n_events, wall, metrics["gates"])
+    if cfg.fail_on_gates and not all(g["passed"] for g in metrics["gates"].values()):
+        raise RuntimeError(f"quality gates failed: {metrics['gates']}")
+    return metrics
+
+
+def _baseline(identity: str, parts: list[dict[str, np.ndarray]]) -> Baseline:
+    from cogportrait.face.library import LID_KEYS, ClipSignals
+
+    sigs = []
+    for p in parts:
+        k = len(p["canon"])
+        sigs.append((ClipSignals("", identity, np.arange(k), np.ones(k, bool), p["canon"],
+                                 {key: p["lid"][:, i] for i, key in enumerate(LID_KEYS)}, p["au"], p["gaze"],
+                                 np.zeros((k, 3)), 1.0), np.arange(k)))
+    return baseline_from_rest(identity, sigs)
+
+
+def _stats(a: dict[str, np.ndarray]) -> ClipStats:
+    return ClipStats(int(a["n"]), a["xtx"], a["xtd"], a["dsum"], a["dsq"])
+
+
+def _metrics(cfg: InvertConfig, stats, model, loco, summaries, baselines) -> dict:
+    def corr_of(key: str) -> dict[str, float]:
+        total = None
+        for r in summaries:
+            s = CorrSums.from_array(np.asarray(r[key], dtype=np.float64).reshape(6, -1))
+            total = s if total is None else total + s
+        if total is None:
+            return {}
+        return {name: _round(v) for name, v in zip(PROXY_COMPARED, total.r())}
+
+    r2_fit = r2_by_group(stats, {c: model.basis for c in stats})
+    r2_loco = r2_by_group(stats, loco) if loco else {}
+    r2_fit_xy = r2_by_group(stats, {c: model.basis for c in stats}, planar=True)
+    r2_loco_xy = r2_by_group(stats, loco, planar=True) if loco else {}
+    fit_corr, loco_corr = corr_of("fit_corr"), corr_of("loco_corr")
+    err_n = sum(r["err_n"] for r in summaries)
+    gates = {
+        "loco_r2_overall": _gate(r2_loco_xy.get("overall"), cfg.gate_loco_r2_overall),
+        "loco_r2_iris": _gate(r2_loco_xy.get("iris"), cfg.gate_loco_r2_iris),
+    }
+    for ch in ("AU1", "AU2L", "AU2R", "AU45L", "AU45R", "gaze_horizontal"):
+        gates[f"loco_corr_{ch}"] = _gate(loco_corr.get(ch), cfg.gate_loco_corr)
+    return {
+        "face_model": {"version": model.version, "regressors": len(model.basis), "ridge": cfg.ridge, "identities": len(baselines)},
+        "r2_by_group": {
+            "in_sample_xy": _rounded(r2_fit_xy), "loco_xy": _rounded(r2_loco_xy),
+            "in_sample_xyz": _rounded(r2_fit), "loco_xyz": _rounded(r2_loco),
+            "note": "xy: in-plane coordinates (what Stage 2 renders; gates use these); xyz adds MediaPipe's relative depth",
+        },
+        "r2_per_au_in_sample": {k: _round(v * v) if v is not None else None for k, v in fit_corr.items() if k in FIT_AUS},
+        "corr_inverted_vs_proxy_in_sample": fit_corr,
+        "corr_inverted_vs_proxy_loco": loco_corr,
+        "mean_residual_error_iod": _round(sum(r["err_sum"] for r in summaries) / err_n) if err_n else None,
+        "gates": gates,
+    }
+
+
+def _round(v) -> float | None:
+    return None if v is None or not np.isfinite(v) else round(float(v), 4)
+
+
+def _rounded(d: dict) -> dict:
+    return {k: _round(v) for k, v in d.items()}
+
+
+def _gate(value, threshold: float) -> dict:
+    v = _round(value) if value is not None else None
+    return {"value": v, "threshold": threshold, "passed": bool(v is not None and v >= threshold)}
+
+
+if __name__ == "__main__":
+    from cogportrait.cli import main
+
+    raise SystemExit(main(["invert", *os.sys.argv[1:]]))
+
+
+__all__ = ["InvertClip", "PrepareClip", "controls_rows", "rest_step", "run", "select_points", "stats_step", "N_CHANNELS"]
