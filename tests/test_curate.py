@@ -231,3 +231,18 @@ def test_face_then_cartoon_keeps_the_face_part(tmp_path, ray_session, curate_run
     assert kept["start_s"] == pytest.approx(0.0, abs=0.05) and kept["end_s"] == pytest.approx(2.43, abs=0.15)
     assert set(rejects["reason"].to_list()) == {"no_face"}
     assert rejects["start_s"][0] == pytest.approx(kept["end_s"], abs=0.05)
+
+
+def test_cli_runs_the_job_and_prints_counts(tmp_path, ray_session, capsys):
+    from cogportrait.cli import main
+
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    manifest = _write_manifest(tmp_path, [["e", "empty.mp4", "test", "MIT", "", "", ""], ["e", "empty.mp4", "test", "MIT", "", "", ""]])
+    params = tmp_path / "params.yaml"
+    params.write_text("curate:\n  min_duration_s: 2.0\n  num_workers: 2\n")
+    assert main(["--params", str(params), "curate", "--manifest", str(manifest), "--out", str(tmp_path / "o")]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert counts["rejects_by_reason"] == {"manifest/duplicate_id": 1, "probe/empty_file": 1}
+    assert pl.read_parquet(tmp_path / "o" / "clips.parquet").height == 0
+    with pytest.raises(SystemExit):
+        main(["--params", str(tmp_path / "missing.yaml"), "curate"])

@@ -1,0 +1,155 @@
+"""Benchmark the curate job; prints one JSON document.
+
+Measures video-seconds per wall-second (total and per core), source frames/s, peak RSS (driver
+and Ray workers) and CPU seconds per step, on the sample set and on an N-times replicated copy,
+with 1 and 2 Ray workers. Each configuration runs in a fresh Ray instance.
+
+    python bench/curate.py                      # sample set and 10x copy, 1 and 2 workers
+    python bench/curate.py --replicas 3 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def replicate_manifest(src_manifest: Path, dst_root: Path, replicas: int) -> Path:
+    """A manifest listing every sample video ``replicas`` times (hard links, distinct ids)."""
+    dst_root.mkdir(parents=True, exist_ok=True)
+    with open(src_manifest, newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields = reader.fieldnames or []
+        rows = list(reader)
+    out_rows = []
+    for r in range(replicas):
+        for row in rows:
+            src = (src_manifest.parent / row["path"]).resolve()
+            dst = dst_root / "videos" / f"r{r}_{src.name}"
+            dst.parent.mkdir(exist_ok=True)
+            if not dst.exists():
+                os.link(src, dst) if src.stat().st_dev == dst_root.stat().st_dev else shutil.copy(src, dst)
+            out_rows.append({**row, "video_id": f"r{r}_{row['video_id']}", "path": f"videos/{dst.name}"})
+    manifest = dst_root / "manifest.csv"
+    with open(manifest, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(out_rows)
+    return manifest
+
+
+class PeakRss:
+    """Samples the RSS of this process and all its children (Ray workers) every 0.2 s."""
+
+    def __init__(self) -> None:
+        self.peak_total = 0
+        self.peak_process = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            procs = [me, *me.children(recursive=True)]
+            rss = []
+            for p in procs:
+                try:
+                    rss.append(p.memory_info().rss)
+                except psutil.Error:
+                    continue
+            self.peak_total = max(self.peak_total, sum(rss))
+            self.peak_process = max(self.peak_process, max(rss, default=0))
+            time.sleep(0.2)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_one(manifest: Path, workers: int, out: Path) -> dict:
+    import ray
+
+    from cogportrait.config import CurateConfig
+    from pipelines.curate import run
+
+    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        with PeakRss() as rss:
+            metrics = run(CurateConfig(manifest=str(manifest), out=str(out), num_workers=workers))
+    finally:
+        ray.shutdown()
+    return {
+        "workers": workers,
+        "videos": metrics["manifest_rows"],
+        "input_video_seconds": metrics["input_video_seconds"],
+        "input_frames": metrics["input_frames"],
+        "clips": metrics["clips"],
+        "rejects": metrics["rejects"],
+        "wall_seconds": metrics["wall_seconds"],
+        "video_seconds_per_wall_second": metrics["video_seconds_per_wall_second"],
+        "video_seconds_per_wall_second_per_core": metrics["video_seconds_per_wall_second_per_core"],
+        "frames_per_second": metrics["frames_per_second"],
+        "frames_per_second_per_core": round(metrics["frames_per_second"] / workers, 1),
+        "step_cpu_seconds": metrics["step_cpu_seconds"],
+        "peak_rss_mb_all_processes": round(rss.peak_total / 2**20, 1),
+        "peak_rss_mb_largest_process": round(rss.peak_process / 2**20, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", default=str(REPO / "datasets" / "sample" / "manifest.csv"))
+    parser.add_argument("--replicas", type=int, default=10, help="size of the replicated set")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--skip-sample", action="store_true", help="only the replicated set")
+    args = parser.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_curate_") as tmp:
+        tmp_path = Path(tmp)
+        sets = [] if args.skip_sample else [("sample", Path(args.manifest))]
+        if args.replicas > 1:
+            sets.append((f"sample_x{args.replicas}", replicate_manifest(Path(args.manifest), tmp_path / "replicated", args.replicas)))
+        for name, manifest in sets:
+            for workers in args.workers:
+                out = tmp_path / f"out_{name}_{workers}"
+                result = run_one(manifest, workers, out)
+                result["set"] = name
+                results.append(result)
+                print(json.dumps(result), file=sys.stderr)
+    report = {
+        "benchmark": "curate",
+        "commit": commit,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+        },
+        "results": results,
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
