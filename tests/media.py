@@ -78,3 +78,28 @@ def truncated_faststart(src: Path, dst: Path, keep: float = 0.5) -> Path:
     dst.write_bytes(data[: int(len(data) * keep)])
     full.unlink()
     return dst
+
+
+def small_face_variant(src: Path, dst: Path, face_scale: float = 0.25, canvas: tuple[int, int] = (640, 480)) -> Path:
+    """The real clip shrunk into a corner of a larger grey frame: a face far below 96 px."""
+    info = probe_video(src)
+    w, h = canvas
+    with VideoWriter(dst, fps=int(round(info.fps)), size=w, preset="ultrafast", crf=16) as writer:
+        for _, rgb in iter_frames(src, info):
+            small = cv2.resize(rgb, None, fx=face_scale, fy=face_scale, interpolation=cv2.INTER_AREA)
+            frame = np.full((w, w, 3), 128, np.uint8)
+            frame[40 : 40 + small.shape[0], 40 : 40 + small.shape[1]] = small
+            writer.write(frame)
+    return dst
+
+
+def group_photo_pan(image: Path, dst: Path, n_frames: int = 90, size: int = 640) -> Path:
+    """A slow pan over a real group photo: several faces of similar size in every frame."""
+    img = cv2.cvtColor(cv2.imread(str(image)), cv2.COLOR_BGR2RGB)
+    h, w = img.shape[:2]
+    side = min(h, w)
+    with VideoWriter(dst, fps=25, size=size, preset="ultrafast", crf=16) as writer:
+        for i in range(n_frames):
+            x0 = int((w - side) * i / max(1, n_frames - 1))
+            writer.write(cv2.resize(img[:side, x0 : x0 + side], (size, size), interpolation=cv2.INTER_AREA))
+    return dst

@@ -15,7 +15,16 @@ import pytest
 
 from cogportrait.config import CurateConfig
 from cogportrait.schema import CLIPS_SCHEMA, REJECT_REASON_NAMES, REJECT_STAGES, REJECTS_SCHEMA
-from media import blur, darken, subtitle, truncated_faststart, write_broken_files, write_variant
+from media import (
+    blur,
+    darken,
+    group_photo_pan,
+    small_face_variant,
+    subtitle,
+    truncated_faststart,
+    write_broken_files,
+    write_variant,
+)
 from pipelines.curate import run
 
 SAMPLE_VIDEOS = Path(__file__).resolve().parents[1] / "datasets" / "sample" / "videos"
@@ -47,6 +56,8 @@ def curate_run(tmp_path_factory, ray_session):
     write_variant(src, vids / "dark.mp4", darken)
     write_variant(src, vids / "subtitled.mp4", subtitle)
     write_variant(src, vids / "frozen.mp4", None, freeze=True)
+    small_face_variant(src, vids / "small_face.mp4")
+    group_photo_pan(SAMPLE_VIDEOS.parent / "images" / "insightface_t1_group.jpg", vids / "group.mp4")
     broken = write_broken_files(vids, src)
     truncated_faststart(SAMPLE_VIDEOS / "lp_d10_woman_browraise_wink_audio.mp4", vids / "cut_off.mp4")
     outside = root.parent / f"{root.name}_outside.mp4"
@@ -60,6 +71,8 @@ def curate_run(tmp_path_factory, ray_session):
         ["subtitled", "videos/subtitled.mp4", "variant", lic, "gaze", "man_d0", "false"],
         ["frozen", "videos/frozen.mp4", "variant", lic, "gaze", "man_d0", "no"],
         ["no_face", "videos/pyfeat_no_face_animation.mp4", "fixture", lic, "cartoon", "", ""],
+        ["small_face", "videos/small_face.mp4", "variant", lic, "gaze", "man_d0", ""],
+        ["group", "videos/group.mp4", "variant", lic, "group photo", "", ""],
         ["truncated", f"videos/{broken['truncated'].name}", "broken", lic, "", "", ""],
         ["zero_byte", f"videos/{broken['zero_byte'].name}", "broken", lic, "", "", ""],
         ["text_as_mp4", f"videos/{broken['text_as_mp4'].name}", "broken", lic, "", "", ""],
@@ -126,9 +139,10 @@ def test_filters_reject_each_variant_with_its_reason(curate_run):
         assert orig[score] is not None
 
 
-def test_no_face_clip_is_rejected(curate_run):
-    assert _reasons(curate_run["rejects"], "no_face") == {"no_face"}
-    assert curate_run["clips"].filter(pl.col("video_id") == "no_face").height == 0
+def test_face_tracking_rejects_no_small_and_multiple_faces(curate_run):
+    for vid, reason in (("no_face", "no_face"), ("small_face", "small_face"), ("group", "multi_face")):
+        assert _reasons(curate_run["rejects"], vid) == {reason}, vid
+        assert curate_run["clips"].filter(pl.col("video_id") == vid).height == 0
 
 
 def test_bad_inputs_become_rejects_and_the_job_succeeds(curate_run):
@@ -143,7 +157,7 @@ def test_bad_inputs_become_rejects_and_the_job_succeeds(curate_run):
     for vid, reason in expected.items():
         assert _reasons(rejects, vid) == {reason}, vid
     dup = rejects.filter(pl.col("reason") == "duplicate_id")
-    assert dup.height == 1 and dup["video_id"][0] == "original" and dup["manifest_row"][0] == 13
+    assert dup.height == 1 and dup["video_id"][0] == "original" and dup["manifest_row"][0] == 15
     # a file that opens and then breaks: the decodable part is processed, the rest is a reject
     cut = rejects.filter((pl.col("video_id") == "cut_off") & (pl.col("reason") == "decode_error"))
     assert cut.height == 1 and cut["start_s"][0] > 0
@@ -162,8 +176,8 @@ def test_every_input_ends_in_exactly_one_table(curate_run):
         assert clips.filter(pl.col("video_id") == vid).height == 0
     # spans of every decoded video tile its frames exactly: no gap, no overlap
     root = curate_run["root"]
-    paths = {r[0]: root / r[1] for r in curate_run["rows"][:13]}
-    for vid in ("multishot", "original", "blurred", "no_face", "cut_off"):
+    paths = {r[0]: root / r[1] for r in curate_run["rows"][:-1]}
+    for vid in ("multishot", "original", "blurred", "no_face", "small_face", "group", "cut_off"):
         spans = sorted(_spans(clips, vid) + _spans(rejects, vid))
         assert spans[0][0] == 0, (vid, spans)
         for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
