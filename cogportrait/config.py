@@ -261,16 +261,17 @@ class InvertConfig:
 
     frames: str = "data/extract"  # folder written by extract (frames.parquet, clips.parquet)
     out: str = "data/invert"
-    ridge: float = 1e-3  # per-frame ridge penalty of the basis fit
+    ridge: float = 5e-4  # per-frame ridge penalty of the basis fit
     z_weight: float = 0.5  # weight of depth rows in the inversion
     pose_refine: str = "similarity"  # after Rᵀ: align rigid anchors per frame (similarity|rotation|none)
-    rest_quantile: float = 0.4  # share of a clip's quietest near-frontal frames taken as rest
+    rest_quantile: float = 0.6  # share of a clip's quietest near-frontal frames taken as rest
     rest_max_angle_deg: float = 20.0
     rest_min_frames: int = 5
     rest_max_frames_per_clip: int = 200
     solver_iterations: int = 60
     blink_au45_delta: float = 0.25  # AU45 above rest by this much: a blink, AU41 not measured there
     au41_smooth_frames: int = 7  # ~300 ms at 25 fps
+    au41_deadzone: float = 0.1  # lid drops below this share of the rest lid-iris gap are noise
     # quality gates (recorded in metrics.json; the job fails only when fail_on_gates is true)
     gate_loco_r2_overall: float = 0.75
     gate_loco_r2_iris: float = 0.85
@@ -289,6 +290,7 @@ class InvertConfig:
         _check_range("solver_iterations", self.solver_iterations, 1)
         _check_range("blink_au45_delta", self.blink_au45_delta, 0.0, 1.0)
         _check_range("au41_smooth_frames", self.au41_smooth_frames, 1)
+        _check_range("au41_deadzone", self.au41_deadzone, 0.0, 0.9)
         _check_range("num_workers", self.num_workers, 1)
 
 

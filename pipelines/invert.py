@@ -37,8 +37,10 @@ from cogportrait.face.library import (
     PROXY_COMPARED,
     ClipStats,
     CorrSums,
+    RestData,
     RestSettings,
     baseline_from_rest,
+    refine_baseline,
     clip_stats,
     inverted_matrix,
     invert_signals,
@@ -53,7 +55,7 @@ from cogportrait.face.library import (
     unpack_arrays,
     unpack_signals,
 )
-from cogportrait.face.model import FIT_AUS, Baseline, LinearFaceModel
+from cogportrait.face.model import FIT_AUS, STAT_FIELDS, Baseline, LinearFaceModel
 from cogportrait.face.extract import list_column
 from cogportrait.io.atomic import AtomicParquetWriter, atomic_dir, write_json, write_table
 from cogportrait.schema import CLIPS_SCHEMA, CONTROLS_SCHEMA, EVENTS_SCHEMA, N_CHANNELS, REJECTS_SCHEMA, check_reason
@@ -95,20 +97,21 @@ def rest_step(row: dict, rest: RestSettings) -> dict:
     """1:1 — a clip's rest frames (at most rest.max_frames_per_clip) for the identity baseline."""
     sig = _sig(row)
     idx = rest_frames(sig, rest)
-    blob = pack_arrays({"canon": sig.canon[idx], "au": sig.au[idx], "gaze": sig.gaze[idx], "lid": sig.lid_matrix()[idx]})
+    blob = pack_arrays({"canon": sig.canon[idx], "au": sig.au[idx], "gaze": sig.gaze[idx], "lid": sig.lid_matrix()[idx],
+                        "head_pose": sig.head_pose[idx]})
     return {"clip_id": row["clip_id"], "identity": row["identity"], "rest": blob, "n_rest": len(idx)}
 
 
 def stats_step(row: dict, baselines: dict[str, Baseline]) -> dict:
     """1:1 — the clip's sufficient statistics for the ridge fit."""
     st = clip_stats(_sig(row), baselines[row["identity"]])
-    return {"clip_id": row["clip_id"], "stats": pack_arrays({"n": np.array(st.n), "xtx": st.xtx, "xtd": st.xtd, "dsum": st.dsum, "dsq": st.dsq})}
+    return {"clip_id": row["clip_id"], "stats": pack_arrays({f: np.asarray(getattr(st, f)) for f in STAT_FIELDS})}
 
 
 class InvertClip:
     """1:1 — controls, residual error and events of one clip (model + baselines held once)."""
 
-    def __init__(self, model: LinearFaceModel, baselines: dict[str, Baseline], loco: dict[str, np.ndarray],
+    def __init__(self, model: LinearFaceModel, baselines: dict[str, Baseline], loco: dict[str, tuple[np.ndarray, Baseline]],
                  settings: InversionSettings, events: EventsConfig) -> None:
         self.model, self.baselines, self.loco, self.settings, self.events = model, baselines, loco, settings, events
 
@@ -118,9 +121,9 @@ class InvertClip:
         controls, err = invert_signals(sig, self.model, base, self.settings)
         prox = proxy_matrix(sig)
         fit_corr = CorrSums.of(inverted_matrix(controls), prox)
-        loco_basis = self.loco.get(row["clip_id"])
-        if loco_basis is not None and np.all(np.isfinite(loco_basis)):
-            loco_controls, _ = invert_signals(sig, LinearFaceModel(loco_basis, self.model.ridge), base, self.settings)
+        loco = self.loco.get(row["clip_id"])
+        if loco is not None and np.all(np.isfinite(loco[0])):
+            loco_controls, _ = invert_signals(sig, LinearFaceModel(loco[0], self.model.ridge), loco[1], self.settings)
             loco_corr = CorrSums.of(inverted_matrix(loco_controls), prox)
         else:
             loco_corr = CorrSums.of(np.full_like(prox, np.nan), prox)
@@ -178,7 +181,10 @@ def run(cfg: InvertConfig, events_cfg: EventsConfig | None = None) -> dict:
     if not files:
         raise FileNotFoundError(f"no frames-*.parquet or frames.parquet in {frames_dir}; run extract first")
     clip_info, clips = _clip_info(frames_dir)
-    settings = InversionSettings(cfg.z_weight, cfg.solver_iterations, cfg.blink_au45_delta, cfg.au41_smooth_frames)
+    settings = InversionSettings(
+        z_weight=cfg.z_weight, iterations=cfg.solver_iterations, blink_au45_delta=cfg.blink_au45_delta,
+        au41_smooth_frames=cfg.au41_smooth_frames, au41_deadzone=cfg.au41_deadzone,
+    )
     rest = RestSettings(cfg.rest_quantile, cfg.rest_max_angle_deg, cfg.rest_min_frames, cfg.rest_max_frames_per_clip)
 
     if not ray.is_initialized():
@@ -202,21 +208,35 @@ def run(cfg: InvertConfig, events_cfg: EventsConfig | None = None) -> dict:
     for r in rest_rows:
         if r["n_rest"]:
             by_identity[r["identity"]].append(unpack_arrays(r["rest"]))
-    baselines: dict[str, Baseline] = {}
-    for ident, parts in by_identity.items():
-        baselines[ident] = _baseline(ident, parts)
-    no_rest = sorted({r["clip_id"] for r in rest_rows if r["identity"] not in baselines})
-    good = clips_ds.filter(lambda r: r["identity"] in baselines) if no_rest else clips_ds
+    rest_data = {
+        ident: RestData(*(np.concatenate([p[k] for p in parts]) for k in ("canon", "au", "gaze", "head_pose")))
+        for ident, parts in by_identity.items()
+    }
+    first = {ident: _baseline(ident, parts) for ident, parts in by_identity.items()}
+    no_rest = sorted({r["clip_id"] for r in rest_rows if r["identity"] not in first})
+    good = clips_ds.filter(lambda r: r["identity"] in first) if no_rest else clips_ds
+    identity_of = {r["clip_id"]: r["identity"] for r in rest_rows}
 
     # 1:1 clip -> sufficient statistics (XᵀX, XᵀD, sums)                     (light CPU)
-    stat_rows = good.map(stats_step, fn_kwargs={"baselines": baselines}, num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n)).take_all()
-    stats = {r["clip_id"]: _stats(unpack_arrays(r["stats"])) for r in stat_rows}
-    total = ClipStats.zero()
-    for s in stats.values():
-        total = total + s
+    stat_rows = good.map(stats_step, fn_kwargs={"baselines": first}, num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n)).take_all()
+    stats0 = {r["clip_id"]: _stats(unpack_arrays(r["stats"])) for r in stat_rows}
+    # fit, re-centre each baseline under the basis (no offset at rest), refit: all from the
+    # statistics, no second pass over the frames
+    model0 = LinearFaceModel.fit(_sum(stats0.values()), cfg.ridge)
+    baselines = {i: refine_baseline(b, rest_data[i], model0.basis) for i, b in first.items()}
+    stats = {c: s.shifted(_delta(baselines, first, identity_of[c])) for c, s in stats0.items()}
+    total = _sum(stats.values())
     meta = {"clips": len(stats), "frames": int(total.n), "identities": len(baselines), "frames_dir": str(frames_dir)}
     model = LinearFaceModel.fit(total, cfg.ridge, meta)
-    loco = loco_bases(stats, cfg.ridge) if len(stats) >= 2 else {}
+    # leave-one-clip-out: basis without the clip; the clip's identity baseline re-centred under it
+    loco: dict[str, tuple[np.ndarray, Baseline]] = {}
+    loco_stats: dict[str, ClipStats] = {}
+    if len(stats) >= 2:
+        for cid, basis in loco_bases(stats, cfg.ridge).items():
+            ident = identity_of[cid]
+            b = refine_baseline(baselines[ident], rest_data[ident], basis) if np.all(np.isfinite(basis)) else baselines[ident]
+            loco[cid] = (basis, b)
+            loco_stats[cid] = stats[cid].shifted(_delta({ident: b}, baselines, ident))
 
     # 1:1 clip -> controls, residuals, events, correlation sums              (actor per core)
     results = good.map(
@@ -243,7 +263,7 @@ def run(cfg: InvertConfig, events_cfg: EventsConfig | None = None) -> dict:
         reject_rows.append({"video_id": cid, "stage": "invert", "reason": "no_face", "detail": "no frame with a usable face"})
     write_table(out_dir / "rejects.parquet", reject_rows, REJECTS_SCHEMA)
 
-    metrics = _metrics(cfg, stats, model, loco, summaries, baselines)
+    metrics = _metrics(cfg, stats, model, loco, loco_stats, summaries, baselines)
     wall = time.perf_counter() - t_start
     metrics.update({
         "clips": n_clips - len(no_rest), "rejects": len(no_rest), "frames": n_rows, "events": n_events,
@@ -270,15 +290,26 @@ def _baseline(identity: str, parts: list[dict[str, np.ndarray]]) -> Baseline:
         k = len(p["canon"])
         sigs.append((ClipSignals("", identity, np.arange(k), np.ones(k, bool), p["canon"],
                                  {key: p["lid"][:, i] for i, key in enumerate(LID_KEYS)}, p["au"], p["gaze"],
-                                 np.zeros((k, 3)), 1.0), np.arange(k)))
+                                 p["head_pose"], 1.0), np.arange(k)))
     return baseline_from_rest(identity, sigs)
 
 
+def _sum(items) -> ClipStats:
+    total = ClipStats.zero()
+    for s in items:
+        total = total + s
+    return total
+
+
+def _delta(new: dict[str, Baseline], old: dict[str, Baseline], ident: str) -> np.ndarray:
+    return (new[ident].keypoints - old[ident].keypoints).reshape(-1)
+
+
 def _stats(a: dict[str, np.ndarray]) -> ClipStats:
-    return ClipStats(int(a["n"]), a["xtx"], a["xtd"], a["dsum"], a["dsq"])
+    return ClipStats(int(a["n"]), a["xtx"], a["xtd"], a["dsum"], a["dsq"], a["xsum"])
 
 
-def _metrics(cfg: InvertConfig, stats, model, loco, summaries, baselines) -> dict:
+def _metrics(cfg: InvertConfig, stats, model, loco, loco_stats, summaries, baselines) -> dict:
     def corr_of(key: str) -> dict[str, float]:
         total = None
         for r in summaries:
@@ -289,9 +320,10 @@ def _metrics(cfg: InvertConfig, stats, model, loco, summaries, baselines) -> dic
         return {name: _round(v) for name, v in zip(PROXY_COMPARED, total.r())}
 
     r2_fit = r2_by_group(stats, {c: model.basis for c in stats})
-    r2_loco = r2_by_group(stats, loco) if loco else {}
+    loco_bases_ = {c: v[0] for c, v in loco.items()}
+    r2_loco = r2_by_group(loco_stats, loco_bases_) if loco else {}
     r2_fit_xy = r2_by_group(stats, {c: model.basis for c in stats}, planar=True)
-    r2_loco_xy = r2_by_group(stats, loco, planar=True) if loco else {}
+    r2_loco_xy = r2_by_group(loco_stats, loco_bases_, planar=True) if loco else {}
     fit_corr, loco_corr = corr_of("fit_corr"), corr_of("loco_corr")
     err_n = sum(r["err_n"] for r in summaries)
     gates = {

@@ -21,6 +21,7 @@ from cogportrait.face.model import (
     NON_IRIS_DIMS,
     Baseline,
     LinearFaceModel,
+    pose_terms,
 )
 from cogportrait.face.pose import EYE_UPPER_MID
 from cogportrait.face.proxies import rectify_gaze
@@ -37,6 +38,7 @@ class InversionSettings:
     blink_au45_delta: float = 0.25  # AU45 above rest by this much = a blink is under way (AU41 masked)
     au41_smooth_frames: int = 7  # ~300 ms at 25 fps
     au41_gaze_regress: bool = True
+    au41_deadzone: float = 0.1  # lid drops below this share of the rest gap are noise, not droop
 
 
 def row_weights(z_weight: float) -> np.ndarray:
@@ -80,15 +82,20 @@ def lid_au45_gain(model: LinearFaceModel, baseline: Baseline) -> np.ndarray:
 
 
 def solve_frames(
-    canon: np.ndarray, model: LinearFaceModel, baseline: Baseline, settings: InversionSettings = InversionSettings()
+    canon: np.ndarray,
+    head_pose: np.ndarray,
+    model: LinearFaceModel,
+    baseline: Baseline,
+    settings: InversionSettings = InversionSettings(),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-frame bounded solve. canon: T x 62 x 3 (NaN rows allowed).
+    """Per-frame bounded solve. canon: T x 62 x 3 (NaN rows allowed); head_pose T x 3 (known).
 
     Returns (fitted AU values T x 9 in [0, 1], signed gaze T x 2 in [-1, 1], residual error T
     = mean keypoint distance to the model's reconstruction, IOD units).
     """
     t = len(canon)
     d = canon.reshape(t, N_DIMS) - baseline.keypoints.reshape(N_DIMS)
+    d = d - pose_terms(head_pose, baseline) @ model.basis_pose  # pose is known: remove its part
     ok = np.all(np.isfinite(d), axis=1)
     w = np.sqrt(row_weights(settings.z_weight))
     au = np.full((t, len(FIT_AUS)), np.nan)
@@ -154,13 +161,14 @@ def au41_over_time(
         beta = max(0.0, float(np.cov(raw[valid], gd[valid])[0, 1] / np.var(gd[valid])))
         raw = raw - beta * gd
     raw = _interp_nan(raw)
-    return np.clip(_smooth(raw, settings.au41_smooth_frames), 0.0, 1.0)
+    dz = settings.au41_deadzone
+    return np.clip((_smooth(raw, settings.au41_smooth_frames) - dz) / (1.0 - dz), 0.0, 1.0)
 
 
 def invert_clip(
     canon: np.ndarray,
-    lid_above_iris: np.ndarray,
     head_pose: np.ndarray,
+    lid_above_iris: np.ndarray,
     model: LinearFaceModel,
     baseline: Baseline,
     settings: InversionSettings = InversionSettings(),
@@ -168,7 +176,7 @@ def invert_clip(
     """Controls T x 17 (DESIGN order; NaN where no face) and residual error T (IOD units)."""
     t = len(canon)
     controls = np.full((t, N_CHANNELS), np.nan, dtype=np.float64)
-    au, gz, err = solve_frames(canon, model, baseline, settings)
+    au, gz, err = solve_frames(canon, head_pose, model, baseline, settings)
     ok = np.isfinite(err)
     controls[:, list(FIT_AU_INDEX)] = au
     rect = rectify_gaze(gz)

@@ -6,7 +6,7 @@ tested without Ray. A clip travels between steps as a ``ClipSignals`` (one clip'
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -94,7 +94,7 @@ def prepare_clip(table: pa.Table, identity: str, mirrored: bool, refine: str = "
 
 @dataclass(frozen=True)
 class RestSettings:
-    quantile: float = 0.4
+    quantile: float = 0.6
     max_angle_deg: float = 20.0
     min_frames: int = 5
     max_frames_per_clip: int = 200
@@ -115,14 +115,40 @@ def baseline_from_rest(identity: str, parts: list[tuple[ClipSignals, np.ndarray]
     au = np.concatenate([s.au[i] for s, i in parts])
     gz = np.concatenate([s.gaze[i] for s, i in parts])
     lid = {k: np.concatenate([s.lid[k][i] for s, i in parts]) for k in LID_KEYS}
+    pose = np.concatenate([s.head_pose[i] for s, i in parts])
     rest = np.ones(len(canon), dtype=bool)
-    return estimate_baseline(identity, canon, au, gz, lid, rest)
+    return estimate_baseline(identity, canon, au, gz, lid, rest, pose)
+
+
+@dataclass
+class RestData:
+    """An identity's rest frames, kept to re-estimate its baseline under a fitted basis."""
+
+    canon: np.ndarray  # K x 62 x 3
+    au: np.ndarray
+    gaze: np.ndarray
+    head_pose: np.ndarray
+
+
+def refine_baseline(baseline: Baseline, rest: RestData, basis: np.ndarray) -> Baseline:
+    """Move b so that the model has no offset at rest: b += median over rest frames of (d − X B).
+
+    The median rest keypoints carry the little expression left in "rest" frames; under the basis
+    that expression is known, so removing it makes b and the proxies' rest values agree.
+    """
+    x = regressors(rest.au, rest.gaze, rest.head_pose, baseline)
+    d = rest.canon.reshape(len(x), N_DIMS) - baseline.keypoints.reshape(N_DIMS)
+    ok = np.all(np.isfinite(x), axis=1) & np.all(np.isfinite(d), axis=1)
+    if not ok.any():
+        return baseline
+    delta = np.median(d[ok] - x[ok] @ basis, axis=0)
+    return replace(baseline, keypoints=baseline.keypoints + delta.reshape(baseline.keypoints.shape))
 
 
 def fit_rows(sig: ClipSignals, baseline: Baseline) -> tuple[np.ndarray, np.ndarray]:
     """Design matrix X and residuals D of the clip's usable frames (face present, proxies finite)."""
     t = len(sig.frame)
-    x = regressors(sig.au, sig.gaze, baseline)
+    x = regressors(sig.au, sig.gaze, sig.head_pose, baseline)
     d = sig.canon.reshape(t, N_DIMS) - baseline.keypoints.reshape(N_DIMS)
     ok = sig.present & np.all(np.isfinite(x), axis=1) & np.all(np.isfinite(d), axis=1)
     return x[ok], d[ok]
@@ -182,8 +208,8 @@ def invert_signals(
     """Controls T x 17 and residual error T for one clip."""
     return invert_clip(
         sig.canon,
-        np.stack([sig.lid["lid_above_iris_left"], sig.lid["lid_above_iris_right"]], axis=1),
         sig.head_pose,
+        np.stack([sig.lid["lid_above_iris_left"], sig.lid["lid_above_iris_right"]], axis=1),
         model,
         baseline,
         settings,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cogportrait.face.inversion import AU41, AU45, lid_au45_gain
-from cogportrait.face.model import FIT_AU_INDEX, N_DIMS, Baseline, LinearFaceModel
+from cogportrait.face.model import FIT_AU_INDEX, N_DIMS, Baseline, LinearFaceModel, pose_terms
 from cogportrait.face.pose import from_pixels, rotation_from_head_pose
 from cogportrait.face.proxies import signed_gaze
 from cogportrait.schema import CHANNEL_INDEX, CLIP_SIZE, N_CHANNELS, N_KEYPOINTS
@@ -39,7 +39,7 @@ def canonical_keypoints(controls: np.ndarray, model: LinearFaceModel, baseline: 
     da = a - baseline.au[list(FIT_AU_INDEX)]
     g = signed_gaze(c[:, CHANNEL_INDEX["gaze_left"] : CHANNEL_INDEX["gaze_down"] + 1])
     dg = g - baseline.gaze
-    d = da @ model.basis_au + dg @ model.basis_gaze
+    d = da @ model.basis_au + dg @ model.basis_gaze + pose_terms(c[:, CHANNEL_INDEX["yaw"] :], baseline) @ model.basis_pose
     return (baseline.keypoints.reshape(1, N_DIMS) + d).reshape(-1, N_KEYPOINTS, 3)
 
 

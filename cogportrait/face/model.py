@@ -1,10 +1,13 @@
 """The linear face model fitted from data, and identity-specific neutral baselines.
 
-d_t = k̃_t − b = B_a (a_t − a_b) + B_g (g_t − g_b)   (DESIGN.md, paper §3.2)
+d_t = k̃_t − b = B_a (a_t − a_b) + B_g (g_t − g_b) + B_r sin(r_t − r_b)   (DESIGN.md, paper §3.2)
 
 k̃_t are pose-normalised keypoints (62×3, IOD units, y up), b an identity's rest keypoints,
 a_t the AU proxies the basis can see per frame (AU41 is temporal, see inversion.py), g_t the
-signed gaze (horizontal + toward the subject's left, vertical + up). The fit is ridge least
+signed gaze (horizontal + toward the subject's left, vertical + up), r_t the head pose from the
+matrix: rotating MediaPipe's mesh back by Rᵀ leaves pose-dependent shape changes in the eye
+region (perspective, mesh fitting), which B_r absorbs (the paper recovers [a_t, r_t] from the
+residuals too); pose is known, so the inversion only subtracts that part. The fit is ridge least
 squares over the whole dataset from per-clip sufficient statistics, so leave-one-clip-out
 (LOCO) fits and their R² come for free.
 """
@@ -29,7 +32,8 @@ MODEL_VERSION = 1
 FIT_AUS: tuple[str, ...] = tuple(c for c in AU_CHANNELS if c != "AU41")
 FIT_AU_INDEX: tuple[int, ...] = tuple(AU_CHANNELS.index(c) for c in FIT_AUS)
 GAZE_TERMS: tuple[str, ...] = ("gaze_horizontal", "gaze_vertical")
-REGRESSORS: tuple[str, ...] = FIT_AUS + GAZE_TERMS
+POSE_TERMS: tuple[str, ...] = ("sin_yaw", "sin_pitch", "sin_roll")  # of the angle minus its rest value
+REGRESSORS: tuple[str, ...] = FIT_AUS + GAZE_TERMS + POSE_TERMS
 N_REG = len(REGRESSORS)
 N_DIMS = N_KEYPOINTS * 3
 
@@ -54,6 +58,7 @@ class Baseline:
     gaze: np.ndarray  # 2 signed gaze at rest
     lid_above_iris: np.ndarray  # 2 (left, right): c0, rest (upper lid − iris centre)/iris radius
     iris_radius: np.ndarray  # 2, canonical units
+    head_pose: np.ndarray = field(default_factory=lambda: np.zeros(3))  # rest yaw, pitch, roll (deg)
     n_rest_frames: int = 0
 
 
@@ -66,31 +71,44 @@ class ClipStats:
     xtd: np.ndarray  # R x D
     dsum: np.ndarray  # D
     dsq: np.ndarray  # D
+    xsum: np.ndarray  # R
 
     @staticmethod
     def of(x: np.ndarray, d: np.ndarray) -> ClipStats:
-        return ClipStats(len(x), x.T @ x, x.T @ d, d.sum(axis=0), (d * d).sum(axis=0))
+        return ClipStats(len(x), x.T @ x, x.T @ d, d.sum(axis=0), (d * d).sum(axis=0), x.sum(axis=0))
 
     def __add__(self, other: ClipStats) -> ClipStats:
-        return ClipStats(
-            self.n + other.n, self.xtx + other.xtx, self.xtd + other.xtd, self.dsum + other.dsum, self.dsq + other.dsq
-        )
+        return ClipStats(*(getattr(self, f) + getattr(other, f) for f in STAT_FIELDS))
 
     def __sub__(self, other: ClipStats) -> ClipStats:
+        return ClipStats(*(getattr(self, f) - getattr(other, f) for f in STAT_FIELDS))
+
+    def shifted(self, delta: np.ndarray) -> ClipStats:
+        """The same frames with the baseline moved by ``delta`` (D): d' = d − delta."""
+        delta = np.asarray(delta, dtype=np.float64).reshape(N_DIMS)
         return ClipStats(
-            self.n - other.n, self.xtx - other.xtx, self.xtd - other.xtd, self.dsum - other.dsum, self.dsq - other.dsq
+            self.n, self.xtx, self.xtd - np.outer(self.xsum, delta), self.dsum - self.n * delta,
+            self.dsq - 2 * delta * self.dsum + self.n * delta**2, self.xsum,
         )
 
     @staticmethod
     def zero() -> ClipStats:
-        return ClipStats(0, np.zeros((N_REG, N_REG)), np.zeros((N_REG, N_DIMS)), np.zeros(N_DIMS), np.zeros(N_DIMS))
+        return ClipStats(0, np.zeros((N_REG, N_REG)), np.zeros((N_REG, N_DIMS)), np.zeros(N_DIMS), np.zeros(N_DIMS), np.zeros(N_REG))
 
 
-def regressors(au: np.ndarray, gaze_signed: np.ndarray, baseline: Baseline) -> np.ndarray:
-    """T x R design matrix: fitted AU proxies and signed gaze minus the identity's rest values."""
+STAT_FIELDS = ("n", "xtx", "xtd", "dsum", "dsq", "xsum")
+
+
+def pose_terms(head_pose: np.ndarray, baseline: Baseline) -> np.ndarray:
+    """T x 3: sin of each head angle minus the identity's rest angle."""
+    return np.sin(np.radians(np.asarray(head_pose, dtype=np.float64) - baseline.head_pose))
+
+
+def regressors(au: np.ndarray, gaze_signed: np.ndarray, head_pose: np.ndarray, baseline: Baseline) -> np.ndarray:
+    """T x R design matrix: AU proxies, signed gaze and pose terms minus the identity's rest values."""
     a = au[:, list(FIT_AU_INDEX)] - baseline.au[list(FIT_AU_INDEX)]
     g = gaze_signed - baseline.gaze
-    return np.concatenate([a, g], axis=1)
+    return np.concatenate([a, g, pose_terms(head_pose, baseline)], axis=1)
 
 
 def ridge_solve(stats: ClipStats, ridge: float) -> np.ndarray:
@@ -121,7 +139,11 @@ class LinearFaceModel:
 
     @property
     def basis_gaze(self) -> np.ndarray:
-        return self.basis[len(FIT_AUS) :]
+        return self.basis[len(FIT_AUS) : len(FIT_AUS) + len(GAZE_TERMS)]
+
+    @property
+    def basis_pose(self) -> np.ndarray:
+        return self.basis[len(FIT_AUS) + len(GAZE_TERMS) :]
 
     @staticmethod
     def fit(stats: ClipStats, ridge: float, meta: dict | None = None) -> LinearFaceModel:
@@ -177,6 +199,7 @@ def save_baselines(path: str | Path, baselines: dict[str, Baseline]) -> None:
         "gaze": np.stack([baselines[i].gaze for i in ids]) if ids else np.zeros((0, 2)),
         "lid_above_iris": np.stack([baselines[i].lid_above_iris for i in ids]) if ids else np.zeros((0, 2)),
         "iris_radius": np.stack([baselines[i].iris_radius for i in ids]) if ids else np.zeros((0, 2)),
+        "head_pose": np.stack([baselines[i].head_pose for i in ids]) if ids else np.zeros((0, 3)),
         "n_rest_frames": np.array([baselines[i].n_rest_frames for i in ids], dtype=np.int64),
     }
     with atomic_path(path, ".npz") as tmp:
@@ -189,7 +212,7 @@ def load_baselines(path: str | Path) -> dict[str, Baseline]:
         return {
             str(ident): Baseline(
                 str(ident), z["keypoints"][i], z["au"][i], z["gaze"][i], z["lid_above_iris"][i], z["iris_radius"][i],
-                int(z["n_rest_frames"][i]),
+                z["head_pose"][i], int(z["n_rest_frames"][i]),
             )
             for i, ident in enumerate(z["identity"])
         }
@@ -234,6 +257,7 @@ def estimate_baseline(
     gaze_signed: np.ndarray,
     lid: dict[str, np.ndarray],
     rest: np.ndarray,
+    head_pose: np.ndarray | None = None,
 ) -> Baseline:
     """Robust (median) rest state from the rest frames of all of an identity's clips."""
     if rest.sum() == 0:
@@ -247,5 +271,6 @@ def estimate_baseline(
         gaze=np.median(gaze_signed[rest], axis=0),
         lid_above_iris=np.array([np.median(lid["lid_above_iris_left"][rest]), np.median(lid["lid_above_iris_right"][rest])]),
         iris_radius=np.array([np.median(lid["iris_radius_left"][rest]), np.median(lid["iris_radius_right"][rest])]),
+        head_pose=np.median(head_pose[rest], axis=0) if head_pose is not None else np.zeros(3),
         n_rest_frames=int(rest.sum()),
     )
