@@ -48,6 +48,42 @@ def cmd_curate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from cogportrait.config import ExtractConfig
+    from pipelines.extract import run
+
+    values = _section(args, "extract")
+    for key, attr in (("clips", "clips"), ("out", "out"), ("num_workers", "workers"), ("au_backend", "au_backend")):
+        if getattr(args, attr, None):
+            values[key] = getattr(args, attr)
+    counts = run(from_mapping(ExtractConfig, values, "extract"))
+    print(json.dumps(counts, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_invert(args: argparse.Namespace) -> int:
+    from cogportrait.config import EventsConfig, InvertConfig
+    from pipelines.invert import run
+
+    values = _section(args, "invert")
+    for key, attr in (("frames", "frames"), ("out", "out"), ("num_workers", "workers")):
+        if getattr(args, attr, None):
+            values[key] = getattr(args, attr)
+    cfg = from_mapping(InvertConfig, values, "invert")
+    events = from_mapping(EventsConfig, _section(args, "events"), "events")
+    metrics = run(cfg, events)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_face_convert_flame(args: argparse.Namespace) -> int:
+    from cogportrait.face.flame import convert_flame
+
+    info = convert_flame(args.model, args.embedding, args.out)
+    print(json.dumps(info, indent=2, sort_keys=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cogportrait", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: ./params.yaml)")
@@ -60,13 +96,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="Ray workers (CPUs) to use")
     p.set_defaults(func=cmd_curate)
 
+    p = sub.add_parser("extract", help="clips -> per-frame landmarks, blendshapes, pose, keypoints (Ray Data job)")
+    p.add_argument("--clips", help="clips.parquet written by curate")
+    p.add_argument("--out", help="output folder (frames-*.parquet, clips.parquet, rejects.parquet, metrics.json)")
+    p.add_argument("--au-backend", dest="au_backend", help="blendshape (default) or pyfeat")
+    p.add_argument("--workers", type=int, help="Ray workers (CPUs) to use")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("invert", help="frames -> 17-channel controls, face model, events (Ray Data job)")
+    p.add_argument("--frames", help="folder written by extract")
+    p.add_argument("--out", help="output folder (controls.parquet, events.parquet, face_model/, metrics.json)")
+    p.add_argument("--workers", type=int, help="Ray workers (CPUs) to use")
+    p.set_defaults(func=cmd_invert)
+
+    p = sub.add_parser("face", help="face-model utilities")
+    face_sub = p.add_subparsers(dest="face_command", required=True)
+    q = face_sub.add_parser(
+        "convert-flame",
+        help="convert a licensed FLAME model.pkl + MediaPipe landmark embedding.npz into a pickle-free OUT.npz "
+        "(the only command that reads a pickle: run it once, on your own file)",
+    )
+    q.add_argument("model", help="FLAME generic_model.pkl (from flame.is.tue.mpg.de, under its licence)")
+    q.add_argument("embedding", help="mediapipe_landmark_embedding.npz (lmk_face_idx, lmk_b_coords, landmark_indices)")
+    q.add_argument("out", help="output .npz read by the flame face-model backend")
+    q.set_defaults(func=cmd_face_convert_flame)
+
     from prototype_store.cli import add_library_commands  # library build|query|stats|show, kto mine
 
     add_library_commands(sub)
     return parser
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"curate": cmd_curate}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "curate": cmd_curate, "extract": cmd_extract, "invert": cmd_invert, "face convert-flame": cmd_face_convert_flame,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

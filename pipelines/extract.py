@@ -1,12 +1,13 @@
 """extract: curated clips -> per-frame face signals (landmarks, blendshapes, pose, keypoints, proxies).
 
-    clips.parquet ─probe (1:1)─▶ usable clips ─landmark (1:N clip→frames)─▶ frames-*.parquet
+    clips.parquet ─probe (1:1)─▶ usable clips ─landmark (1:N clip→frames)─▶ frames.parquet
                         └─ unusable ──────────────────────────────────────▶ rejects.parquet
 
 Every input clip ends in exactly one of ``D/clips.parquet`` (with its frames in
-``D/frames-*.parquet``, one row per clip frame, face-lost frames flagged) or
-``D/rejects.parquet``. Frame parts are written by Ray into a hidden temporary folder and renamed
-into place only after the whole job succeeded; old parts are removed at that moment.
+``D/frames.parquet``, one row per clip frame, face-lost frames flagged) or ``D/rejects.parquet``.
+Ray writes frame parts into a hidden temporary folder; the driver streams them into
+``frames.parquet`` (temp file + rename) only after the whole job succeeded, so readers never
+see a partial table, and later stages read one file.
 
 Run: ``cogportrait extract --clips data/curate/clips.parquet --out data/extract``.
 """
@@ -31,7 +32,7 @@ from cogportrait.config import ExtractConfig
 from cogportrait.face.au_backends import make_backend
 from cogportrait.face.extract import FRAMES_GLOB, ClipError, LandmarkerSettings, extract_clip
 from cogportrait.face.models import face_landmarker_path
-from cogportrait.io.atomic import write_json, write_table
+from cogportrait.io.atomic import AtomicParquetWriter, write_json, write_table
 from cogportrait.schema import CLIPS_SCHEMA, FRAMES_SCHEMA, REJECTS_SCHEMA, check_reason
 
 log = logging.getLogger("cogportrait.extract")
@@ -150,11 +151,14 @@ def run(cfg: ExtractConfig) -> dict:
             if n_frames[r["clip_id"]] == 0:
                 reasons[r["clip_id"]] = ("decode_error", "no frame could be decoded and landmarked (see the job log)")
         kept_ids = [r["clip_id"] for r in rows if r["clip_id"] not in reasons]
-        # publish: parts first (renamed into place), then the tables that point at them
-        for old in out_dir.glob(FRAMES_GLOB):
+        # publish: stream the parts into one frames.parquet (atomic), clip by clip
+        with AtomicParquetWriter(out_dir / "frames.parquet", FRAMES_SCHEMA) as writer:
+            for f in part_files:
+                pf = pq.ParquetFile(f)
+                for i in range(pf.num_row_groups):
+                    writer.write_table(pf.read_row_group(i))
+        for old in out_dir.glob(FRAMES_GLOB):  # parts of an older layout would shadow nothing, but confuse
             old.unlink()
-        for i, f in enumerate(part_files):
-            os.replace(f, out_dir / f"frames-{i:05d}.parquet")
     finally:
         shutil.rmtree(parts, ignore_errors=True)
 

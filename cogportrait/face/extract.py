@@ -198,10 +198,9 @@ FRAMES_GLOB = "frames-*.parquet"
 def frames_files(folder: str | Path) -> list[Path]:
     """The frames parts of an extract output folder (or its single frames.parquet)."""
     folder = Path(folder)
-    files = sorted(folder.glob(FRAMES_GLOB))
-    if not files and (folder / "frames.parquet").exists():
-        files = [folder / "frames.parquet"]
-    return files
+    if (folder / "frames.parquet").exists():
+        return [folder / "frames.parquet"]
+    return sorted(folder.glob(FRAMES_GLOB))
 
 
 def read_frames(folder: str | Path, columns: list[str] | None = None) -> pa.Table:
