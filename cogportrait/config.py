@@ -15,6 +15,7 @@ import yaml
 T = TypeVar("T")
 
 SCENE_DETECTORS = ("adaptive", "content")
+SEARCH_MODES = ("auto", "scan", "index")  # see prototype_store/store.py
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium")
 
 
@@ -137,12 +138,14 @@ class IndexConfig:
     weight_mean: float = 0.5  # share of the channel mean in each channel's term
     weight_peak: float = 0.5  # share of the channel peak (max; signed extreme for head angles)
     ivf_threshold: int = 50_000  # libraries this large get an IVF index, smaller ones exact L1
-    nlist: int = 0  # IVF lists; 0 = 4 * sqrt(n)
+    nlist: int = 0  # IVF lists; 0 = sqrt(n)
     nprobe: int = 0  # IVF lists probed; 0 = smallest power of two reaching recall_target
     recall_target: float = 0.95  # recall@5 the nprobe tuning aims for (measured, stored)
     overfetch: int = 20  # IVF candidates per result before the exact re-rank
     min_candidates: int = 100
-    exact_scan_max: int = 2048  # filtered subsets up to this size are scanned in numpy directly
+    search: str = "auto"  # auto: exact column scan up to exact_scan_max rows, else the FAISS index
+    exact_scan_max: int = 100_000  # (filtered) row counts up to this are scanned exactly in numpy
+    threads: int = 2  # threads of the column scan
     train_size: int = 65_536  # vectors sampled to train IVF centroids
     recall_queries: int = 200  # random queries used to measure IVF recall@5
     seed: int = 0
@@ -164,6 +167,8 @@ class IndexConfig:
         _check_range("overfetch", self.overfetch, 1)
         _check_range("min_candidates", self.min_candidates, 1)
         _check_range("exact_scan_max", self.exact_scan_max, 0)
+        _check_choice("search", self.search, SEARCH_MODES)
+        _check_range("threads", self.threads, 1)
         _check_range("train_size", self.train_size, 256)
         _check_range("recall_queries", self.recall_queries, 1)
 

@@ -5,7 +5,7 @@ Linear DAG, one row per clip until segmentation fans out:
     clip ids ─load (1:1)─▶ clip signals ─segment (1:N)─▶ prototype rows ─▶ driver: sort, write
 
 The maths lives in ``prototype_store.segment`` (Ray-free); this module only wires it up. Rows are
-sorted by their deterministic ids, so reruns write the same file (and the same fingerprint).
+sorted by (label, event type, deterministic id), so reruns write the same file (and fingerprint).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ class _Hashers:
 def _feed(arr: pa.Array, key: str, hashers: _Hashers) -> None:
     t = arr.type
     valid = arr.is_valid().to_numpy(zero_copy_only=False).astype(np.uint8)
-    hashers.update(key + "/valid", np.packbits(valid).tobytes() + len(valid).to_bytes(8, "little"))
+    hashers.update(key + "/valid", valid.tobytes())  # one byte per row: chunking cannot shift it
     if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
         lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         hashers.update(key + "/len", lengths.tobytes())

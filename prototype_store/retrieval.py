@@ -207,11 +207,28 @@ def midpoint_l1(weighted: np.ndarray, query: WeightedQuery) -> np.ndarray:
 
 
 def rank(distance: np.ndarray, tiebreak: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the k best by (distance, midpoint L1, id): one total order everywhere."""
+    """Positions of the k best by (distance, midpoint L1, id): one total order everywhere.
+
+    Values are compared rounded to 1e-9 so float noise never decides an order. Large inputs are
+    cut down with partitions first (many exact ties at 0 are common with range targets).
+    """
     if len(distance) == 0:
         return np.zeros(0, dtype=np.int64)
-    order = np.lexsort((ids, np.round(tiebreak, 9), np.round(distance, 9)))
-    return order[:k]
+    d = np.round(distance, 9)
+    t = np.round(tiebreak, 9)
+    if len(d) > 4 * k + 64:
+        kth = np.partition(d, k - 1)[k - 1]
+        sel = np.flatnonzero(d <= kth)
+        if len(sel) > 4 * k + 64:
+            sure = sel[d[sel] < kth]
+            border = sel[d[sel] == kth]
+            need = k - len(sure)
+            tb = t[border]
+            tk = np.partition(tb, need - 1)[need - 1]
+            sel = np.concatenate([sure, border[tb <= tk]])
+        order = sel[np.lexsort((ids[sel], t[sel], d[sel]))]
+        return order[:k]
+    return np.lexsort((ids, t, d))[:k]
 
 
 def brute_force(

@@ -39,6 +39,7 @@ import faiss
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cogportrait.config import IndexConfig
@@ -51,6 +52,7 @@ from cogportrait.schema import (
     PROTOTYPE_WINDOW_EVENT,
     PROTOTYPES_SCHEMA,
 )
+from prototype_store.scan import ColumnScan
 from prototype_store.fingerprint import FINGERPRINT_KEY, parquet_fingerprint, stored_fingerprint, table_fingerprint
 from prototype_store.retrieval import (
     N_FEATURES,
@@ -110,10 +112,14 @@ def library_paths(path: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def write_prototypes(path: str | os.PathLike, table: pa.Table, row_group_size: int = 256) -> str:
-    """Write prototypes sorted by id, with the content fingerprint in the file's metadata."""
+    """Write prototypes sorted by (label, event type, id), with the content fingerprint in the metadata.
+
+    The sort makes each label a contiguous run of row groups, so a label filter pushed down to
+    Parquet skips the other labels' row groups by their min/max statistics; ids make it total.
+    """
     table = table.select(PROTOTYPES_SCHEMA.names).cast(PROTOTYPES_SCHEMA)
     if table.num_rows:
-        table = table.sort_by("prototype_id")
+        table = table.sort_by([("label", "ascending"), ("event_type", "ascending"), ("prototype_id", "ascending")])
     fingerprint = table_fingerprint([table], PROTOTYPES_SCHEMA.names)
     schema = PROTOTYPES_SCHEMA.with_metadata({FINGERPRINT_KEY: fingerprint.encode()})
     table = table.replace_schema_metadata(schema.metadata)
@@ -235,7 +241,7 @@ def build_index(library: str | os.PathLike, cfg: IndexConfig) -> dict[str, Any]:
         index.add(u)
         meta.update(kind="flat_l1", nlist=0, nprobe=0, recall_at_5=1.0)
     else:
-        nlist = cfg.nlist or int(min(max(16, round(4 * math.sqrt(n))), n // 8))
+        nlist = cfg.nlist or int(min(max(16, round(math.sqrt(n))), n // 8))
         quantizer = faiss.IndexFlat(dim, faiss.METRIC_L1)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_L1)
         rng = np.random.default_rng(cfg.seed)
@@ -272,7 +278,9 @@ def _tune_nprobe(
     """Smallest power-of-two nprobe whose measured recall@5 reaches the target (or cfg.nprobe)."""
     queries = [weighted_query(to_intervals(t), geo.fweights) for t in sample_queries(feats, cfg.recall_queries, cfg.seed + 1)]
     ids = np.arange(len(weighted))
-    truth = [_exact_top(weighted, q, ids, 5)[1] for q in queries]
+    scanner = ColumnScan(weighted, threads=cfg.threads)
+    truth = [scanner.topk(q, 5, ids)[1] for q in queries]
+    scanner.close()
     candidates = [cfg.nprobe] if cfg.nprobe else [p for p in (2**i for i in range(0, 20)) if p < nlist] + [nlist]
     recall = 0.0
     nprobe = candidates[-1]
@@ -413,13 +421,17 @@ def _list_to_numpy(col: pa.ChunkedArray | pa.Array, inner: int) -> list[np.ndarr
 class PrototypeStore:
     """Read-only access to one library: filters in polars, candidates from FAISS, exact re-rank."""
 
-    def __init__(self, parquet: Path, index_dir: Path, meta: dict[str, Any], index: faiss.Index, feats: np.ndarray) -> None:
+    def __init__(
+        self, parquet: Path, index_dir: Path, meta: dict[str, Any], index: faiss.Index, feats: np.ndarray,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> None:
         self.parquet = parquet
         self.index_dir = index_dir
         self.meta = meta
         self.index = index
         self.features = feats  # (N, 34) native units
         cfg_values = {k: v for k, v in meta["config"].items() if k in IndexConfig.__dataclass_fields__}
+        cfg_values.update(overrides or {})
         self.cfg = IndexConfig(**cfg_values)
         self.geo = _IndexGeometry(
             np.asarray(meta["feature_weights"]), np.asarray(meta["centre"]), np.asarray(meta["bound"])
@@ -427,16 +439,26 @@ class PrototypeStore:
         self.weighted = feats.astype(np.float64) * self.geo.fweights
         self.n = len(feats)
         self.ids = np.arange(self.n)  # positions double as the final tie-break (ids are sorted)
-        self.nprobe = int(meta.get("nprobe") or 0)
-        labels = pl.scan_parquet(parquet).select(pl.col("label").unique()).collect()["label"].to_list()
+        self.nprobe = int(self.cfg.nprobe or meta.get("nprobe") or 0) if meta["kind"] != "flat_l1" else 0
+        self.scanner = ColumnScan(self.weighted, threads=self.cfg.threads)
+        # small per-row metadata stays in memory: results are assembled without touching the file
+        self._meta_table = pq.read_table(parquet, columns=list(META_COLUMNS) + ["quality_flags"]).combine_chunks()
+        labels = pc.unique(self._meta_table.column("label")).to_pylist()
         self.labels: list[str] = sorted(x for x in labels if x is not None)
         self._filter_cache: dict[tuple, np.ndarray | None] = {}
         self._row_groups = np.cumsum([0] + [pq.ParquetFile(parquet).metadata.row_group(i).num_rows for i in range(pq.ParquetFile(parquet).num_row_groups)])
 
     # -- opening ----------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike) -> PrototypeStore:
-        """Open LIB (folder or its prototypes.parquet); refuses empty libraries and stale indexes."""
+    def open(cls, path: str | os.PathLike, **overrides: Any) -> PrototypeStore:
+        """Open LIB (folder or its prototypes.parquet); refuses empty libraries and stale indexes.
+
+        ``overrides`` replace query-time settings of the index config (search, exact_scan_max,
+        threads, nprobe, overfetch, min_candidates), e.g. for benchmarks.
+        """
+        allowed = {"search", "exact_scan_max", "threads", "nprobe", "overfetch", "min_candidates"}
+        if set(overrides) - allowed:
+            raise TypeError(f"cannot override {sorted(set(overrides) - allowed)}; allowed: {sorted(allowed)}")
         parquet, index_dir = library_paths(path)
         if not parquet.exists():
             raise LibraryError(f"no prototype library at {path} (expected {parquet}); build one with `cogportrait library build`")
@@ -471,7 +493,7 @@ class PrototypeStore:
         index = faiss.read_index(str(index_path))
         if index.ntotal != len(feats):
             raise StaleIndexError(f"{index_path} holds {index.ntotal} vectors for {len(feats)} prototypes; rebuild the index")
-        return cls(parquet, index_dir, meta, index, feats)
+        return cls(parquet, index_dir, meta, index, feats, overrides)
 
     # -- filters ----------------------------------------------------------------------------------
     def _check_filters(self, label: str | None, event_type: str | None) -> None:
@@ -528,15 +550,18 @@ class PrototypeStore:
 
     # -- search -----------------------------------------------------------------------------------
     def search(self, q: WeightedQuery, k: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Positions and exact distances of the top k among ``rows`` (None = all)."""
+        """Positions and exact distances of the top k among ``rows`` (None = all).
+
+        ``search`` = scan: exact column scan; index: the FAISS index (flat: exact by certificate;
+        IVF: approximate, within its measured recall); auto: scan up to exact_scan_max rows.
+        """
         n_sub = self.n if rows is None else len(rows)
         if n_sub == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0)
         k = min(k, n_sub)
-        if n_sub <= self.cfg.exact_scan_max:
-            sub = np.arange(self.n) if rows is None else rows
-            top, dist = _exact_top(self.weighted[sub], q, self.ids[sub], k)
-            return sub[top], dist
+        mode = self.cfg.search
+        if mode == "scan" or (mode == "auto" and n_sub <= self.cfg.exact_scan_max):
+            return self.scanner.topk(q, k, self.ids, rows)
         sel, keep = self._selector(rows)
         if self.meta["kind"] == "flat_l1":
             return self._flat_search(q, k, rows, n_sub, sel)
@@ -546,6 +571,16 @@ class PrototypeStore:
         pos, dist = _ivf_search(self.index, self.geo, self.weighted, q, self.ids, k, probe, self.cfg, sel)
         del keep
         return pos, dist
+
+    def close(self) -> None:
+        """Stop the scan threads (also done at interpreter exit)."""
+        self.scanner.close()
+
+    def __enter__(self) -> PrototypeStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _selector(self, rows: np.ndarray | None) -> tuple[faiss.IDSelector | None, np.ndarray | None]:
         if rows is None:
@@ -591,31 +626,28 @@ class PrototypeStore:
         return to_intervals(targets)
 
     def fetch(self, positions: np.ndarray, distances: np.ndarray | None = None, arrays: bool = True) -> list[Match]:
-        """Read the rows at ``positions`` (only their row groups) into Match objects, in order."""
+        """Rows at ``positions`` as Match objects, in order; arrays come from their row groups only."""
         if len(positions) == 0:
             return []
-        pf = pq.ParquetFile(self.parquet)
-        columns = list(META_COLUMNS) + ["channel_mean", "channel_max", "quality_flags"]
-        if arrays:
-            columns += ["controls", "keypoints"]
-        groups = np.searchsorted(self._row_groups, positions, side="right") - 1
+        positions = np.asarray(positions, dtype=np.int64)
+        records = self._meta_table.take(pa.array(positions)).to_pylist()
         rows: dict[int, dict[str, Any]] = {}
-        for g in sorted(set(groups.tolist())):
-            table = pf.read_row_group(g, columns=columns)
-            wanted = [int(p) for p, gg in zip(positions, groups) if gg == g]
-            local = pa.array([p - int(self._row_groups[g]) for p in wanted])
-            sub = table.take(local)
-            ctrl = _list_to_numpy(sub.column("controls"), N_CHANNELS) if arrays else None
-            kps = _list_to_numpy(sub.column("keypoints"), N_KEYPOINTS * 2) if arrays else None
-            records = sub.select(list(META_COLUMNS) + ["quality_flags"]).to_pylist()
-            for i, p in enumerate(wanted):
-                rec = records[i]
-                rec["channel_mean"] = self.features[p, :N_CHANNELS].copy()
-                rec["channel_max"] = self.features[p, N_CHANNELS:].copy()
-                if arrays:
-                    rec["controls"] = ctrl[i]  # type: ignore[index]
-                    rec["keypoints"] = kps[i].reshape(-1, N_KEYPOINTS, 2)  # type: ignore[index]
-                rows[p] = rec
+        for p, rec in zip(positions.tolist(), records):
+            rec["channel_mean"] = self.features[p, :N_CHANNELS].copy()
+            rec["channel_max"] = self.features[p, N_CHANNELS:].copy()
+            rows[p] = rec
+        if arrays:
+            pf = pq.ParquetFile(self.parquet)
+            groups = np.searchsorted(self._row_groups, positions, side="right") - 1
+            for g in sorted(set(groups.tolist())):
+                wanted = [int(p) for p, gg in zip(positions, groups) if gg == g]
+                table = pf.read_row_group(g, columns=["controls", "keypoints"])
+                sub = table.take(pa.array([p - int(self._row_groups[g]) for p in wanted]))
+                ctrl = _list_to_numpy(sub.column("controls"), N_CHANNELS)
+                kps = _list_to_numpy(sub.column("keypoints"), N_KEYPOINTS * 2)
+                for i, p in enumerate(wanted):
+                    rows[p]["controls"] = ctrl[i]
+                    rows[p]["keypoints"] = kps[i].reshape(-1, N_KEYPOINTS, 2)
         out = []
         for r, p in enumerate(positions):
             rec = rows[int(p)]

@@ -62,7 +62,7 @@ def sample_library(library_upstream, tmp_path_factory) -> Path:
     build_prototypes_local(
         PrototypesConfig(controls=str(library_upstream["controls"]), clips=str(library_upstream["clips"]), out=str(out))
     )
-    build_index(out, IndexConfig(exact_scan_max=0))
+    build_index(out, IndexConfig())
     return out
 
 
@@ -77,4 +77,100 @@ def curated_sample(tmp_path_factory, ray_session) -> Path:
 
     out = tmp_path_factory.mktemp("curated_sample")
     run(CurateConfig(manifest=str(SAMPLE_MANIFEST), out=str(out), num_workers=2))
+    return out
+
+
+# -- extract / invert (issue 3) ----------------------------------------------------------------
+@pytest.fixture(scope="session")
+def extracted_sample(curated_sample, tmp_path_factory) -> Path:
+    """The extract job's output on the curated sample clips (run once per session)."""
+    from cogportrait.config import ExtractConfig
+    from pipelines.extract import run
+
+    out = tmp_path_factory.mktemp("extracted_sample")
+    run(ExtractConfig(clips=str(curated_sample / "clips.parquet"), out=str(out), num_workers=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def inverted_sample(extracted_sample, tmp_path_factory) -> Path:
+    """The invert job's output (controls, events, face model, metrics) on the sample clips."""
+    from cogportrait.config import InvertConfig
+    from pipelines.invert import run
+
+    out = tmp_path_factory.mktemp("inverted_sample")
+    run(InvertConfig(frames=str(extracted_sample), out=str(out), num_workers=2))
+    return out
+
+
+def clip_ids_by_video(clips_parquet: Path) -> dict[str, list[str]]:
+    """video_id -> clip ids (in start order) of a clips table."""
+    import pyarrow.parquet as pq
+
+    out: dict[str, list[str]] = {}
+    rows = sorted(pq.read_table(clips_parquet, columns=["clip_id", "video_id", "start_s"]).to_pylist(), key=lambda r: r["start_s"])
+    for r in rows:
+        out.setdefault(r["video_id"], []).append(r["clip_id"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def edge_clips(curated_sample, tmp_path_factory) -> dict[str, Path]:
+    """Hand-made clips for edge cases, built from real curated clips.
+
+    face_loss: lp_d0 with frames 30-44 blacked out; one_frame: lp_d0's first frame;
+    zero_frame: an mp4 with a video stream and no frame; missing: a path with no file;
+    mirrored: lp_d3 frames 0-59 flipped left-right, flagged mirrored.
+    """
+    import av
+    import numpy as np
+    import pyarrow as pa
+    from fractions import Fraction
+
+    from cogportrait.io.atomic import write_table
+    from cogportrait.io.video import VideoWriter, iter_frames, probe_video
+    from cogportrait.schema import CLIPS_SCHEMA
+
+    folder = tmp_path_factory.mktemp("edge_clips")
+    ids = clip_ids_by_video(curated_sample / "clips.parquet")
+    d0 = curated_sample / "clips" / f"{ids['lp_d0'][0]}.mp4"
+    d3 = curated_sample / "clips" / f"{ids['lp_d3'][0]}.mp4"
+
+    def rewrite(src: Path, dst: Path, fn, stop: int | None = None) -> Path:
+        info = probe_video(src)
+        with VideoWriter(dst, fps=25, size=info.width, preset="ultrafast", crf=16) as w:
+            for i, rgb in iter_frames(src, info, end_frame=stop):
+                out = fn(i, rgb)
+                if out is not None:
+                    w.write(out)
+        return dst
+
+    paths = {
+        "face_loss": rewrite(d0, folder / "face_loss.mp4", lambda i, x: np.zeros_like(x) if 30 <= i < 45 else x),
+        "one_frame": rewrite(d0, folder / "one_frame.mp4", lambda i, x: x, stop=1),
+        "mirrored": rewrite(d3, folder / "mirrored.mp4", lambda i, x: np.ascontiguousarray(x[:, ::-1]), stop=60),
+        "missing": folder / "missing.mp4",
+        "zero_frame": folder / "zero_frame.mp4",
+    }
+    with av.open(str(paths["zero_frame"]), "w") as c:
+        s = c.add_stream("libx264", rate=Fraction(25))
+        s.width = s.height = 64
+        s.pix_fmt = "yuv420p"
+        c.start_encoding()
+    rows = [
+        {"clip_id": f"edge-{name}", "video_id": f"edge-{name}", "clip_path": p.name, "identity": f"edge-{name}",
+         "mirrored": name == "mirrored", "label": "edge case"}
+        for name, p in paths.items()
+    ]
+    write_table(folder / "clips.parquet", pa.Table.from_pylist(rows, schema=CLIPS_SCHEMA), CLIPS_SCHEMA)
+    return {"dir": folder, **paths}
+
+
+@pytest.fixture(scope="session")
+def edge_extracted(edge_clips, ray_session, tmp_path_factory) -> Path:
+    from cogportrait.config import ExtractConfig
+    from pipelines.extract import run
+
+    out = tmp_path_factory.mktemp("edge_extracted")
+    run(ExtractConfig(clips=str(edge_clips["dir"] / "clips.parquet"), out=str(out), num_workers=2))
     return out

@@ -78,7 +78,8 @@ def test_ray_job_matches_local_build(ray_session, synthetic_upstream, tmp_path):
     table = pq.read_table(ray_file)
     assert table.schema.remove_metadata() == PROTOTYPES_SCHEMA
     ids = table.column("prototype_id").to_pylist()
-    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    keys = list(zip(table.column("label").to_pylist(), table.column("event_type").to_pylist(), ids))
+    assert keys == sorted(keys) and len(set(ids)) == len(ids)
     assert set(table.column("event_type").to_pylist()) >= {"window", "blink"}
     assert None not in table.column("label").to_pylist()
     row = table.slice(0, 1).to_pylist()[0]

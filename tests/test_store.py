@@ -56,14 +56,18 @@ def small_candidates_library(sample_library, tmp_path_factory):
     """The sample library indexed with min_candidates=1 so the certified fetch loop really iterates."""
     lib = tmp_path_factory.mktemp("lib_small_k")
     shutil.copy(sample_library / "prototypes.parquet", lib / "prototypes.parquet")
-    build_index(lib, IndexConfig(exact_scan_max=0, min_candidates=1))
+    build_index(lib, IndexConfig(min_candidates=1))
     return lib
 
 
-@pytest.mark.parametrize("lib_fixture", ["sample_library", "small_candidates_library"])
-def test_exact_index_equals_brute_force(lib_fixture, request):
+@pytest.mark.parametrize(
+    "lib_fixture, search",
+    [("sample_library", "scan"), ("sample_library", "index"), ("small_candidates_library", "index")],
+)
+def test_exact_index_equals_brute_force(lib_fixture, search, request):
+    """Both exact paths (column scan; FAISS flat L1 + certificate, fetching in rounds) equal Eq. 3."""
     lib = request.getfixturevalue(lib_fixture)
-    store = PrototypeStore.open(lib)
+    store = PrototypeStore.open(lib, search=search)
     assert store.meta["kind"] == "flat_l1"
     table = pq.read_table(lib / "prototypes.parquet")
     fw = _fw(store)
@@ -187,7 +191,7 @@ def test_ivf_within_measured_recall(sample_library, tmp_path):
     meta = build_index(tmp_path, IndexConfig(ivf_threshold=1000, recall_queries=100))
     assert meta["kind"] == "ivf_flat_l1" and 0 < meta["nprobe"] <= meta["nlist"]
     assert meta["recall_at_5"] >= 0.95
-    store = PrototypeStore.open(tmp_path)
+    store = PrototypeStore.open(tmp_path, search="index")
     table = pq.read_table(tmp_path / "prototypes.parquet", columns=["prototype_id", "channel_mean", "channel_max"])
     fw = _fw(store)
     hits = total = 0
@@ -200,6 +204,11 @@ def test_ivf_within_measured_recall(sample_library, tmp_path):
         # every returned distance is exact (re-ranked), never below the true optimum
         assert got[0].distance >= dist[0] - 1e-9
     assert hits / total >= meta["recall_at_5"] - 0.05
+    # the default (auto) search scans this size exactly
+    exact = PrototypeStore.open(tmp_path)
+    for targets in sample_queries(store.features, 20, seed=98):
+        _, dist = _oracle(table, targets, fw, 5)
+        np.testing.assert_allclose([m.distance for m in exact.query(targets, k=5, arrays=False)], dist, atol=1e-7)
 
 
 def test_prototype_store_imports_no_ray():

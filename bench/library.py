@@ -1,0 +1,201 @@
+"""Benchmark the prototype library: build time, memory, query latency, exact vs IVF recall@5, filters.
+
+Prints one JSON document on stdout. Libraries of 1e4, 1e5, 1e6 prototypes are synthesised by
+perturbing a seed library (``--seed-library LIB``, e.g. data/library built from the sample clips;
+by default the synthetic upstream tables of ``prototype_store.synthetic``): each row is a random
+seed row's controls resampled to 8 frames plus a per-channel offset (see ``perturb_prototypes``);
+keypoints are left empty because no index or query cost depends on them.
+
+Per size it measures: writing the Parquet, building the exact (flat L1) and IVF indexes, opening
+(fingerprint check included), resident memory, query latency p50/p99 over random composer-like
+targets (1-4 channels, values and ranges) for the exact path and for IVF, IVF recall@5 against
+exact, and a polars label + channel-range filter over the Parquet.
+
+    nice -n 10 .venv/bin/python bench/library.py --sizes 10000 100000 1000000 > bench/out/library.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import psutil
+import pyarrow.parquet as pq
+
+from cogportrait.config import IndexConfig, PrototypesConfig
+from cogportrait.schema import CHANNEL_INDEX
+from prototype_store import PrototypeStore, build_index, write_prototypes
+from prototype_store.build import build_prototypes_local
+from prototype_store.retrieval import to_intervals, weighted_query
+from prototype_store.store import _exact_top, _recall, sample_queries
+from prototype_store.synthetic import perturb_prototypes, write_synthetic_upstream
+
+log = logging.getLogger("cogportrait.bench")
+
+
+def _rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _pct(xs: list[float]) -> dict[str, float]:
+    a = np.asarray(xs) * 1e3
+    return {"p50_ms": round(float(np.percentile(a, 50)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3),
+            "mean_ms": round(float(a.mean()), 3)}
+
+
+def seed_table(seed_library: str | None, work: Path):
+    if seed_library:
+        return pq.read_table(Path(seed_library) / "prototypes.parquet"), str(seed_library)
+    up = write_synthetic_upstream(work / "upstream", n_clips=24, n_frames=200, seed=0)
+    build_prototypes_local(PrototypesConfig(controls=str(up["controls"]), clips=str(up["clips"]), out=str(work / "seed")))
+    return pq.read_table(work / "seed" / "prototypes.parquet"), "synthetic upstream (prototype_store.synthetic)"
+
+
+def bench_size(n: int, source, work: Path, n_queries: int, recall_queries: int) -> dict:
+    out: dict = {"n": n}
+    lib = work / f"lib_{n}"
+    if lib.exists():
+        shutil.rmtree(lib)
+    t = time.perf_counter()
+    table = perturb_prototypes(source, n, seed=n)
+    out["synthesise_s"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    write_prototypes(lib / "prototypes.parquet", table, row_group_size=4096)
+    out["write_parquet_s"] = round(time.perf_counter() - t, 3)
+    out["parquet_mb"] = round((lib / "prototypes.parquet").stat().st_size / 2**20, 2)
+    del table
+    labels = pl.scan_parquet(lib / "prototypes.parquet").select(pl.col("label").unique()).collect()["label"].to_list()
+
+    def measure(store: PrototypeStore, queries: list, with_label: bool = True) -> dict:
+        lat, lat_label = [], []
+        for q in queries:
+            t = time.perf_counter()
+            store.query(q, k=5, arrays=False)
+            lat.append(time.perf_counter() - t)
+        entry = {"query": _pct(lat)}
+        if with_label:
+            for i, q in enumerate(queries[: max(20, len(queries) // 3)]):
+                t = time.perf_counter()
+                store.query(q, k=5, label=labels[i % len(labels)], arrays=False)
+                lat_label.append(time.perf_counter() - t)
+            entry["query_with_label_filter"] = _pct(lat_label)
+        return entry
+
+    def recall(store: PrototypeStore, queries: list, truth: list) -> float:
+        found = [np.array([m.distance for m in store.query(q, k=5, arrays=False)]) for q in queries]
+        return round(_recall([], truth, found), 4)
+
+    results: dict = {}
+    # exact: flat L1 index on disk; queries answered by the exact column scan (search=scan), and
+    # for comparison by the FAISS flat index with the certificate (search=index, up to 1e5)
+    rss0 = _rss_mb()
+    t = time.perf_counter()
+    meta = build_index(lib, IndexConfig(ivf_threshold=10**9))
+    build_s = time.perf_counter() - t
+    t = time.perf_counter()
+    store = PrototypeStore.open(lib, search="scan")
+    open_s = time.perf_counter() - t
+    queries = sample_queries(store.features, n_queries, seed=12345)
+    truth = [np.array([m.distance for m in store.query(q, k=5, arrays=False)]) for q in queries[:recall_queries]]
+    entry = {"index_kind": meta["kind"], "build_index_s": round(build_s, 3), "open_s": round(open_s, 3),
+             "index_mb": round(sum(f.stat().st_size for f in (lib / "index").iterdir()) / 2**20, 2),
+             "rss_store_mb": round(_rss_mb() - rss0, 1)}
+    entry["scan"] = measure(store, queries)
+    t = time.perf_counter()
+    store.query(queries[0], k=5, arrays=True)
+    entry["query_with_arrays_ms"] = round((time.perf_counter() - t) * 1e3, 3)
+    store.close()
+    if n <= 100_000:
+        store = PrototypeStore.open(lib, search="index")
+        entry["faiss_flat_certified"] = measure(store, queries[: max(30, n_queries // 5)], with_label=False)
+        store.close()
+    results["exact"] = entry
+    del store
+
+    rss0 = _rss_mb()
+    t = time.perf_counter()
+    meta = build_index(lib, IndexConfig(ivf_threshold=1, recall_queries=min(recall_queries, 100)))
+    build_s = time.perf_counter() - t
+    store = PrototypeStore.open(lib, search="index")
+    entry = {"index_kind": meta["kind"], "nlist": meta["nlist"], "nprobe_tuned": meta["nprobe"],
+             "recall_at_5_measured_at_build": meta["recall_at_5"], "build_index_s": round(build_s, 3),
+             "index_mb": round(sum(f.stat().st_size for f in (lib / "index").iterdir()) / 2**20, 2),
+             "rss_store_mb": round(_rss_mb() - rss0, 1)}
+    entry.update(measure(store, queries))
+    entry["recall_at_5"] = recall(store, queries[:recall_queries], truth)
+    store.close()
+    curve = []
+    for probe in sorted({1, 4, 16, 64, meta["nprobe"]}):
+        if probe > meta["nlist"]:
+            continue
+        st = PrototypeStore.open(lib, search="index", nprobe=probe)
+        m = measure(st, queries[: max(50, n_queries // 3)], with_label=False)
+        curve.append({"nprobe": probe, **m["query"], "recall_at_5": recall(st, queries[:recall_queries], truth)})
+        st.close()
+    entry["nprobe_curve"] = curve
+    results["ivf"] = entry
+    out.update(results)
+
+    # polars: label + channel-range filter straight on the Parquet (the README's example)
+    j = CHANNEL_INDEX["AU45L"]
+    times = []
+    for i in range(10):
+        t = time.perf_counter()
+        df = (
+            pl.scan_parquet(lib / "prototypes.parquet")
+            .filter((pl.col("label") == labels[i % len(labels)]) & (pl.col("channel_max").arr.get(j) >= 0.6)
+                    & (pl.col("T") >= 5))
+            .select("prototype_id", "event_type", "T")
+            .collect()
+        )
+        times.append(time.perf_counter() - t)
+    out["polars_label_range_filter"] = {**_pct(times), "rows": df.height}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--queries", type=int, default=300)
+    ap.add_argument("--recall-queries", type=int, default=200)
+    ap.add_argument("--seed-library", help="library folder whose prototypes seed the perturbation")
+    ap.add_argument("--work", help="scratch folder (default: a temp dir, removed afterwards)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="cogportrait-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        source, seed_desc = seed_table(args.seed_library, work)
+        report = {
+            "benchmark": "prototype library",
+            "machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+                        "platform": platform.platform(), "python": platform.python_version(),
+                        "processor": platform.processor() or platform.machine()},
+            "seed": {"library": seed_desc, "prototypes": source.num_rows},
+            "sizes": [],
+        }
+        for n in args.sizes:
+            log.info("size %d", n)
+            report["sizes"].append(bench_size(n, source, work, args.queries, args.recall_queries))
+        report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
