@@ -71,7 +71,7 @@ class CurateConfig:
     # crop and encode
     crop_scale: float = 1.5
     crop_smooth_s: float = 0.5
-    encode_preset: str = "superfast"
+    encode_preset: str = "ultrafast"
     encode_crf: int = 18
     # execution
     num_workers: int = 2
@@ -305,9 +305,10 @@ class EventsConfig:
 
     # eye closures: hysteresis on closure = 1 − aperture / open level (clip's high percentile)
     eye_open_percentile: float = 80.0
-    closure_on: float = 0.5
-    closure_off: float = 0.3
+    closure_on: float = 0.55
+    closure_off: float = 0.45
     closure_proxy_weight: float = 0.3  # share of the (rest-relative) AU45 control in the closure score
+    wink_other_max: float = 0.3  # a wink needs the other eye's closure score below this throughout
     blink_max_s: float = 0.4  # shorter: blink; longer or equal: prolonged_closure
     # brow raise / frown / squint / lid droop: control above the clip median by on/off
     brow_on: float = 0.15
@@ -334,6 +335,7 @@ class EventsConfig:
             if getattr(self, off) > getattr(self, on):
                 raise ConfigError(f"{off}={getattr(self, off)} must not exceed {on}={getattr(self, on)} (hysteresis)")
         _check_range("closure_proxy_weight", self.closure_proxy_weight, 0.0, 1.0)
+        _check_range("wink_other_max", self.wink_other_max, 0.0, 1.0)
         _check_range("blink_max_s", self.blink_max_s, 0.04)
         _check_range("saccade_velocity", self.saccade_velocity, 0.0)
         _check_range("fixation_min_frames", self.fixation_min_frames, 1)

@@ -33,6 +33,7 @@ from cogportrait.face.au_backends import make_backend
 from cogportrait.face.extract import FRAMES_GLOB, ClipError, LandmarkerSettings, extract_clip
 from cogportrait.face.models import face_landmarker_path
 from cogportrait.io.atomic import AtomicParquetWriter, write_json, write_table
+from cogportrait.io.video import VideoError, probe_video
 from cogportrait.schema import CLIPS_SCHEMA, FRAMES_SCHEMA, REJECTS_SCHEMA, check_reason
 
 log = logging.getLogger("cogportrait.extract")
@@ -52,11 +53,23 @@ def probe_clip(row: dict) -> dict:
         return dict(row, reason="empty_file", detail=f"{path.name} has zero bytes")
     try:
         n = len(decord.VideoReader(str(path), num_threads=1))
-    except RuntimeError as err:  # decord's DECORDError: unreadable container or stream
-        return dict(row, reason="undecodable", detail=f"{path.name}: {str(err).splitlines()[0][:200]}")
+    except RuntimeError as err:  # decord's DECORDError: its message does not say why; ask PyAV
+        reason, detail = _classify_unreadable(path, str(err).splitlines()[0][:200])
+        return dict(row, reason=reason, detail=detail)
     if n == 0:
         return dict(row, reason="no_frames", detail=f"{path.name} decodes to zero frames")
     return dict(row, n_src_frames=n)
+
+
+def _classify_unreadable(path: Path, decord_msg: str) -> tuple[str, str]:
+    """Reason for a clip decord cannot open: a container with no frame at all is ``no_frames``."""
+    try:
+        probe_video(path)
+    except VideoError as err:
+        if err.reason == "no_video_stream" or "yields no frame" in err.detail:
+            return "no_frames", f"{path.name} holds no video frame ({err.detail})"
+        return err.reason, err.detail
+    return "undecodable", f"{path.name}: {decord_msg}"
 
 
 class LandmarkClip:

@@ -96,7 +96,7 @@ def eye_closures(aperture: np.ndarray, au45: np.ndarray, cfg: EventsConfig, fps:
     """One event per closure, both eyes merged: blink (< blink_max_s), prolonged_closure, or wink.
 
     aperture, au45: T x 2 (left, right). A wink needs the other eye to stay open (its closure
-    score below ``closure_off`` throughout); otherwise the closure counts for both eyes.
+    score below ``wink_other_max`` throughout); otherwise the closure counts for both eyes.
     """
     scores = np.stack([closure_scores(aperture[:, e], au45[:, e], cfg) for e in range(2)], axis=1)
     filled = np.stack([_interp(scores[:, 0]), _interp(scores[:, 1])], axis=1)
@@ -110,7 +110,7 @@ def eye_closures(aperture: np.ndarray, au45: np.ndarray, cfg: EventsConfig, fps:
         else:
             side = next(iter(sides))
             other = 1 if side == "left" else 0
-            eyes = side if seg[:, other].max() < cfg.closure_off else "both"
+            eyes = side if seg[:, other].max() < cfg.wink_other_max else "both"
         both = seg.mean(axis=1) if eyes == "both" else seg[:, 0 if eyes == "left" else 1]
         apex = s + int(np.argmax(both))
         peak = float(both.max())
