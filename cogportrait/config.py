@@ -102,7 +102,8 @@ class CurateConfig:
 class PrototypesConfig:
     """Segmentation of control trajectories into prototypes (paper §3.2)."""
 
-    controls: str = "data/invert"  # invert's output folder: controls/events/frames.parquet
+    controls: str = "data/invert"  # invert's output folder: controls/events.parquet
+    frames: str = "data/extract/frames.parquet"  # extract's per-frame keypoints
     clips: str = "data/curate/clips.parquet"  # labels, identities and audio paths per clip
     out: str = "data/library"  # writes out/prototypes.parquet
     context_pad_s: float = 0.32  # frames of context kept on each side of an event
@@ -181,6 +182,7 @@ class KtoConfig:
     """
 
     controls: str = "data/invert"
+    frames: str = "data/extract/frames.parquet"  # keypoints carried as a condition
     clips: str = "data/curate/clips.parquet"
     out: str = "data/kto"  # writes out/kto.parquet and out/metrics.json
     window_s: float = 4.0  # mined window length (3-5 s, paper)

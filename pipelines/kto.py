@@ -43,7 +43,7 @@ def _rel(path: str | None) -> str | None:
 def mine_step(row: Row, cfg: KtoConfig) -> list[Row]:
     """1:N clip -> mined windows, each with its conditions (reference frame, audio span, keypoints, prompt)."""
     meta = json.loads(row["meta"]) if row["meta"] else {}
-    clip = load_clip(cfg.controls, row["clip_id"], meta)
+    clip = load_clip(cfg.controls, row["clip_id"], meta, cfg.frames)
     out = []
     for m in mine_clip(clip.controls, clip.present, cfg):
         kp = clip.keypoints[m.start_frame : m.end_frame] if clip.keypoints is not None else None

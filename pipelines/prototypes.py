@@ -40,7 +40,7 @@ Row = dict[str, Any]
 def load_step(row: Row, cfg: PrototypesConfig) -> Row:
     """1:1 clip id -> the clip's frame-aligned arrays (events as JSON text: no pickled objects)."""
     meta = json.loads(row["meta"]) if row["meta"] else None
-    clip = load_clip(cfg.controls, row["clip_id"], meta)
+    clip = load_clip(cfg.controls, row["clip_id"], meta, cfg.frames)
     return {
         "clip_id": clip.clip_id,
         "controls": clip.controls,

@@ -21,7 +21,7 @@ def build_prototypes_local(cfg: PrototypesConfig) -> dict[str, Any]:
     dropped: dict[str, int] = {}
     ids = clip_ids(cfg.controls)
     for cid in ids:
-        clip_rows, d = segment_clip(load_clip(cfg.controls, cid, meta.get(cid)), cfg)
+        clip_rows, d = segment_clip(load_clip(cfg.controls, cid, meta.get(cid), cfg.frames), cfg)
         rows.extend(clip_rows)
         for k, v in d.items():
             dropped[k] = dropped.get(k, 0) + v

@@ -49,6 +49,8 @@ def cmd_library_build(args: argparse.Namespace) -> int:
         pvals["controls"] = args.controls
     if args.clips:
         pvals["clips"] = args.clips
+    if args.frames:
+        pvals["frames"] = args.frames
     if args.out:
         pvals["out"] = args.out
         ivals["library"] = args.out
@@ -155,7 +157,7 @@ def cmd_library_show(args: argparse.Namespace) -> int:
 
 def cmd_kto_mine(args: argparse.Namespace) -> int:
     values = _params(args, "kto_mine")
-    for key in ("controls", "clips", "out"):
+    for key in ("controls", "clips", "frames", "out"):
         if getattr(args, key):
             values[key] = getattr(args, key)
     if args.workers:
@@ -179,6 +181,7 @@ def add_library_commands(sub: argparse._SubParsersAction) -> None:
     p = lsub.add_parser("build", help="controls -> prototypes.parquet (Ray Data job) -> FAISS index")
     p.add_argument("--controls", help="invert's output folder (controls/events/frames.parquet)")
     p.add_argument("--clips", help="curate's clips.parquet (labels, identities)")
+    p.add_argument("--frames", help="extract's frames.parquet (keypoints)")
     p.add_argument("--out", help="library folder (prototypes.parquet + index/)")
     p.add_argument("--only", choices=("prototypes", "index"), help="run one of the two steps")
     p.add_argument("--local", action="store_true", help="segment in-process without Ray (small data)")
@@ -215,6 +218,7 @@ def add_library_commands(sub: argparse._SubParsersAction) -> None:
     p = ksub.add_parser("mine", help="mine desirable boundary-case windows (3-5 s) from real clips (Ray Data job)")
     p.add_argument("--controls", help="invert's output folder")
     p.add_argument("--clips", help="curate's clips.parquet")
+    p.add_argument("--frames", help="extract's frames.parquet (keypoints)")
     p.add_argument("--out", help="output folder (kto.parquet, metrics.json)")
     p.add_argument("--workers", type=int)
     p.set_defaults(func=cmd_kto_mine)

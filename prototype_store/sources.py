@@ -21,10 +21,14 @@ log = logging.getLogger("cogportrait.prototype_store")
 CLIP_META_COLUMNS = ("clip_id", "video_id", "label", "identity", "audio_path", "clip_path", "has_audio")
 
 
-def upstream_paths(controls_dir: str | Path) -> dict[str, Path]:
+def upstream_paths(controls_dir: str | Path, frames: str | Path | None = None) -> dict[str, Path]:
+    """controls/events.parquet in invert's folder; keypoints from ``frames`` (extract's
+    frames.parquet) or, when that is not given or absent, a frames.parquet beside the controls."""
     d = Path(controls_dir)
     paths = {name: d / f"{name}.parquet" for name in ("controls", "events", "frames")}
-    if not paths["frames"].exists() and (d.parent / "extract" / "frames.parquet").exists():
+    if frames and Path(frames).exists():
+        paths["frames"] = Path(frames)
+    elif not paths["frames"].exists() and (d.parent / "extract" / "frames.parquet").exists():
         paths["frames"] = d.parent / "extract" / "frames.parquet"  # extract's own output folder
     if not paths["controls"].exists():
         raise FileNotFoundError(f"no controls.parquet in {d}: point --controls at invert's output folder")
@@ -63,9 +67,11 @@ def fallback_identity(meta: dict[str, Any]) -> str | None:
     return f"video:{vid}" if vid else None
 
 
-def load_clip(controls_dir: str | Path, clip_id: str, meta: dict[str, Any] | None = None) -> ClipSignals:
+def load_clip(
+    controls_dir: str | Path, clip_id: str, meta: dict[str, Any] | None = None, frames: str | Path | None = None
+) -> ClipSignals:
     """Frame-aligned controls, presence, residuals, keypoints (x, y) and events of one clip."""
-    paths = upstream_paths(controls_dir)
+    paths = upstream_paths(controls_dir, frames)
     flt = [("clip_id", "=", clip_id)]
     ct = pq.read_table(paths["controls"], filters=flt, columns=["frame", "face_present", "controls", "residual_error"])
     frames_idx = np.asarray(ct.column("frame").to_numpy(zero_copy_only=False), dtype=np.int64)

@@ -30,8 +30,6 @@ def sample_manifest() -> Path:
 
 
 # -- prototype library (issue 4) -----------------------------------------------------------------
-REAL_INVERT = REPO / "data" / "invert"
-REAL_CLIPS = REPO / "data" / "curate" / "clips.parquet"
 
 
 @pytest.fixture(scope="session")
@@ -43,24 +41,27 @@ def synthetic_upstream(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def library_upstream(synthetic_upstream) -> dict[str, Path]:
-    """invert's real outputs on the sample clips when `dvc repro invert` has produced them,
-    otherwise the synthetic tables; the store tests run on whichever this gives."""
-    if (REAL_INVERT / "controls.parquet").exists() and (REAL_INVERT / "events.parquet").exists():
-        return {"controls": REAL_INVERT, "clips": REAL_CLIPS, "real": True}
-    return {**synthetic_upstream, "real": False}
+def library_upstream(request) -> dict[str, Path]:
+    """invert's real outputs on the sample clips (curate -> extract -> invert, once per session)."""
+    curated = request.getfixturevalue("curated_sample")
+    extracted = request.getfixturevalue("extracted_sample")
+    inverted = request.getfixturevalue("inverted_sample")
+    return {"controls": inverted, "frames": extracted / "frames.parquet", "clips": curated / "clips.parquet"}
 
 
 @pytest.fixture(scope="session")
 def sample_library(library_upstream, tmp_path_factory) -> Path:
-    """A built library (Parquet + exact index) from ``library_upstream``; tests must not modify it."""
+    """The real sample library (Parquet + exact index) built from ``library_upstream``; read-only."""
     from cogportrait.config import IndexConfig, PrototypesConfig
     from prototype_store import build_index
     from prototype_store.build import build_prototypes_local
 
     out = tmp_path_factory.mktemp("library")
     build_prototypes_local(
-        PrototypesConfig(controls=str(library_upstream["controls"]), clips=str(library_upstream["clips"]), out=str(out))
+        PrototypesConfig(
+            controls=str(library_upstream["controls"]), frames=str(library_upstream["frames"]),
+            clips=str(library_upstream["clips"]), out=str(out),
+        )
     )
     build_index(out, IndexConfig())
     return out
