@@ -38,6 +38,7 @@ from cogportrait.curate.steps import (
     reject_record,
     rejected,
     scenes_step,
+    single_threaded,
     text_step,
     track_step,
 )
@@ -60,6 +61,7 @@ class TrackFaces:
 
     def __init__(self, cfg: CurateConfig) -> None:
         self.cfg = cfg
+        single_threaded()
         self.tracker = FaceTracker(cfg.face_min_confidence, cfg.min_face_px, cfg.multi_face_area_ratio)
 
     def __call__(self, row: Row) -> list[Row]:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from cogportrait.config import CurateConfig
@@ -19,7 +20,7 @@ from cogportrait.curate.crop import crop_track, write_cropped_clip
 from cogportrait.curate.filters import motion_decision, quality_decision, text_area, text_decision
 from cogportrait.curate.scenes import detect_scenes
 from cogportrait.curate.spans import Span, apply_duration_limits, segment_face_runs, span_seconds
-from cogportrait.curate.text import TextDetector
+from cogportrait.curate.text import TextDetector, pack_frames, unpack_frames
 from cogportrait.curate.tracking import FaceTracker, motion_scores
 from cogportrait.io.audio import extract_audio_span
 from cogportrait.io.video import VideoError, VideoInfo, iter_frames, probe_video, resample_times
@@ -38,7 +39,7 @@ ROW_DEFAULTS: Row = {
     # span (source frames, end exclusive) and its frame timestamps (float64 bytes)
     "scene_index": -1, "start_frame": -1, "end_frame": -1, "start_s": NAN, "end_s": NAN, "times": b"",
     # face track: JSON {"frames": [...], "boxes": [[x0,y0,x1,y1], ...]} for usable samples
-    "track": "", "face_size_px": NAN, "face_score": NAN, "face_coverage": NAN,
+    "track": "", "text_frames": b"", "face_size_px": NAN, "face_score": NAN, "face_coverage": NAN,
     "sharpness": NAN, "brightness": NAN, "motion_score": NAN, "head_speed": NAN, "text_score": NAN,
     # outputs
     "clip_id": "", "clip_path": "", "audio_path": "", "has_audio": False, "n_frames": 0,
@@ -112,10 +113,16 @@ def probe_step(row: Row, cfg: CurateConfig) -> Row:
     return row
 
 
+def single_threaded() -> None:
+    """One OpenCV thread per worker process: the job runs one worker per core."""
+    cv2.setNumThreads(1)
+
+
 def scenes_step(row: Row, cfg: CurateConfig) -> list[Row]:
     """1:N. One decode pass: frame times and shot cuts; each shot cut to the duration limits."""
     if rejected(row):
         return [row]
+    single_threaded()
     t0 = time.perf_counter()
     info = video_info(row)
     result = detect_scenes(row["path"], info, cfg.scene_detector, cfg.scene_threshold, cfg.scene_min_len_frames, cfg.scene_downscale_px)
@@ -160,7 +167,7 @@ def track_step(row: Row, cfg: CurateConfig, tracker: FaceTracker) -> list[Row]:
     period = 1.0 / row["fps"]
     step = max(1, int(round(row["fps"] / cfg.track_fps)))
     try:
-        samples = tracker.track(row["path"], info, row["start_frame"], row["end_frame"], step, times)
+        samples, kept = tracker.track(row["path"], info, row["start_frame"], row["end_frame"], step, times, keep=cfg.text_frames)
     except VideoError as err:
         row["t_track"] = time.perf_counter() - t0
         return [reject(row, "face_track", err.reason, err.detail)]
@@ -182,6 +189,7 @@ def track_step(row: Row, cfg: CurateConfig, tracker: FaceTracker) -> list[Row]:
                 reject(child, "face_track", piece.reason, f"{child['end_s'] - child['start_s']:.2f} s")
             else:
                 _attach_track(child, [s for s in samples if piece.start <= s.frame < piece.end], period)
+                child["text_frames"] = pack_frames({i: f for i, f in kept.items() if piece.start <= i < piece.end})
             out.append(child)
     for child in out:
         child["t_track"] = 0.0
@@ -203,31 +211,44 @@ def _attach_track(row: Row, samples: list, frame_period: float) -> None:
 
 
 def text_step(row: Row, cfg: CurateConfig, detector: TextDetector) -> Row:
-    """1:1. RapidOCR detection on a few frames spread over the span (rule in filters.py)."""
+    """1:1. RapidOCR detection on a few frames spread over the span (rule in filters.py).
+
+    Uses the frames the track pass kept; decodes only when none of them fell in this span.
+    """
     if rejected(row):
         return row
     t0 = time.perf_counter()
-    info, times = video_info(row), span_times(row)
-    n = row["end_frame"] - row["start_frame"]
-    wanted = sorted({row["start_frame"] + int((k + 0.5) * n / cfg.text_frames) for k in range(cfg.text_frames)})
+    frames = unpack_frames(row["text_frames"])
+    row["text_frames"] = b""
+    if not frames:
+        try:
+            frames = _decode_text_frames(row, cfg.text_frames)
+        except VideoError as err:
+            row["t_text"] = time.perf_counter() - t0
+            return reject(row, "text", err.reason, err.detail)
     track = json.loads(row["track"])
-    frames, boxes = np.array(track["frames"]), np.array(track["boxes"])
+    sample_frames, boxes = np.array(track["frames"]), np.array(track["boxes"])
     measured = []
-    try:
-        for idx, rgb in iter_frames(row["path"], info, wanted[0], wanted[-1] + 1, times=times[wanted[0] - row["start_frame"]:]):
-            if idx not in wanted:
-                continue
-            face = tuple(boxes[int(np.argmin(np.abs(frames - idx)))]) if len(frames) else None
-            measured.append(text_area(detector.detect(rgb), rgb.shape[1], rgb.shape[0], face, cfg.text_min_box_height))
-    except VideoError as err:
-        row["t_text"] = time.perf_counter() - t0
-        return reject(row, "text", err.reason, err.detail)
+    for idx, rgb in sorted(frames.items()):
+        face = tuple(boxes[int(np.argmin(np.abs(sample_frames - idx)))]) if len(sample_frames) else None
+        measured.append(text_area(detector.detect(rgb), rgb.shape[1], rgb.shape[0], face, cfg.text_min_box_height))
     keep, reason, score = text_decision(measured, cfg)
     row["text_score"] = score
     row["t_text"] = time.perf_counter() - t0
     if not keep:
         reject(row, "text", reason, f"text covers {score:.4f} of the frame on average")
     return row
+
+
+def _decode_text_frames(row: Row, count: int) -> dict[int, np.ndarray]:
+    info, times = video_info(row), span_times(row)
+    start, n = row["start_frame"], row["end_frame"] - row["start_frame"]
+    wanted = sorted({start + int((k + 0.5) * n / count) for k in range(count)})
+    got = {}
+    for idx, rgb in iter_frames(row["path"], info, wanted[0], wanted[-1] + 1, times=times[wanted[0] - start :]):
+        if idx in wanted:
+            got[idx] = rgb
+    return got
 
 
 def filter_step(row: Row, cfg: CurateConfig) -> Row:
@@ -247,6 +268,7 @@ def crop_step(row: Row, cfg: CurateConfig, out_dir: str) -> Row:
     """1:1. Smoothed 1.5x face crop at 512², resampled to 25 fps, plus 16 kHz mono audio."""
     if rejected(row):
         return row
+    single_threaded()
     t0 = time.perf_counter()
     info, times = video_info(row), span_times(row)
     out_times = resample_times(row["start_s"], row["end_s"], CLIP_FPS)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import logging
 
+import cv2
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -15,6 +17,7 @@ class TextDetector:
     def __init__(self, det_side_px: int = 512, threads: int = 1) -> None:
         from rapidocr import RapidOCR
 
+        self.det_side_px = det_side_px
         self._engine = RapidOCR(
             params={
                 "Det.limit_side_len": det_side_px,
@@ -26,10 +29,37 @@ class TextDetector:
         logging.getLogger("RapidOCR").setLevel(logging.ERROR)
 
     def detect(self, rgb: np.ndarray) -> np.ndarray:
-        """Text polygons (N x 4 x 2, frame pixels) found in an RGB frame."""
-        bgr = np.ascontiguousarray(rgb[..., ::-1])
+        """Text polygons (N x 4 x 2, frame pixels) found in an RGB frame.
+
+        The frame is shrunk so its long side is at most ``det_side_px`` first: RapidOCR's own
+        limit bounds the short side, so a 16:9 frame would otherwise cost three times as much.
+        """
+        h, w = rgb.shape[:2]
+        scale = min(1.0, self.det_side_px / max(h, w))
+        small = cv2.resize(rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA) if scale < 1 else rgb
+        bgr = np.ascontiguousarray(small[..., ::-1])
         result = self._engine(bgr, use_det=True, use_cls=False, use_rec=False)
         boxes = getattr(result, "boxes", None)
         if boxes is None or len(boxes) == 0:
             return np.zeros((0, 4, 2), np.float32)
-        return np.asarray(boxes, dtype=np.float32).reshape(-1, 4, 2)
+        return np.asarray(boxes, dtype=np.float32).reshape(-1, 4, 2) / scale
+
+
+def pack_frames(frames: dict[int, np.ndarray], quality: int = 95) -> bytes:
+    """Frames as JPEGs in an .npz blob (a Ray row field); read back with ``unpack_frames``."""
+    buf = io.BytesIO()
+    encoded = {}
+    for idx, rgb in frames.items():
+        ok, jpg = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if not ok:
+            raise ValueError(f"JPEG encoding of frame {idx} failed")
+        encoded[f"f{idx}"] = jpg
+    np.savez(buf, **encoded)
+    return buf.getvalue()
+
+
+def unpack_frames(blob: bytes) -> dict[int, np.ndarray]:
+    if not blob:
+        return {}
+    with np.load(io.BytesIO(blob), allow_pickle=False) as data:
+        return {int(k[1:]): cv2.imdecode(data[k], cv2.IMREAD_COLOR)[..., ::-1] for k in data.files}

@@ -89,11 +89,27 @@ class FaceTracker:
         return boxes
 
     def track(
-        self, path: str | os.PathLike, info: VideoInfo, start: int, end: int, step: int, times: np.ndarray
-    ) -> list[FaceSample]:
-        """Classify every ``step``-th frame of [start, end) in one sequential decode."""
+        self,
+        path: str | os.PathLike,
+        info: VideoInfo,
+        start: int,
+        end: int,
+        step: int,
+        times: np.ndarray | None,
+        keep: int = 0,
+    ) -> tuple[list[FaceSample], dict[int, np.ndarray]]:
+        """Classify every ``step``-th frame of [start, end) in one sequential decode.
+
+        Also returns ``keep`` evenly spread sampled frames (RGB), so the text filter can run on
+        them without decoding the span again.
+        """
         samples: list[FaceSample] = []
+        sample_frames = list(range(start, end, step))
+        wanted = {sample_frames[int((k + 0.5) * len(sample_frames) / keep)] for k in range(keep)} if keep else set()
+        kept: dict[int, np.ndarray] = {}
         for idx, rgb in iter_frames(path, info, start, end, step=step, times=times):
+            if idx in wanted:
+                kept[idx] = rgb
             boxes = self.detect(rgb)
             label, main = classify_detections(boxes, self.min_face_px, self.multi_ratio)
             sample = FaceSample(frame=idx, label=label)
@@ -102,7 +118,7 @@ class FaceTracker:
                 sample.score = boxes[main][4]
                 sample.sharpness, sample.brightness, sample.thumb = face_region_stats(rgb, sample.box)
             samples.append(sample)
-        return samples
+        return samples, kept
 
     def close(self) -> None:
         self._detector.close()

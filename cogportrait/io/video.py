@@ -110,29 +110,31 @@ def iter_frames(
     width: int | None = None,
     fmt: str = "rgb24",
     times: np.ndarray | None = None,
+    threads: int = 1,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (frame index, HxWx3 array) for frames in [start_frame, end_frame), every ``step``-th.
 
     ``times`` are the decoded timestamps of frames start_frame, start_frame + 1, ... (from a
     full pass, see the scenes step); with them indices are exact for variable frame rates.
     Seeks near ``start_frame`` first; ``width`` rescales inside FFmpeg (cheap) keeping aspect.
-    Only selected frames are converted to arrays. Raises VideoError('decode_error') when the
-    stream breaks part-way.
+    Only selected frames are converted to arrays. One decoder thread by default: a pipeline
+    runs one worker per core, and threads only add overhead there. Raises
+    VideoError('decode_error') when the stream breaks part-way.
     """
     height = None
     if width is not None and width < info.width:
         height = max(2, int(round(info.height * width / info.width / 2)) * 2)
     else:
         width = None
+    last = -1
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+            stream.codec_context.thread_count = threads
             if start_frame > 0:
                 t_start = float(times[0]) if times is not None and len(times) else start_frame / info.fps
                 target = info.start_time_s + max(0.0, t_start - 1.0 / info.fps)
                 container.seek(int(target / stream.time_base), stream=stream, backward=True, any_frame=False)
-            last = -1
             for frame in container.decode(stream):
                 idx = _frame_index(frame, info, times, start_frame)
                 if idx <= last:  # duplicate timestamps (rare VFR muxing): keep the first
@@ -150,6 +152,8 @@ def iter_frames(
                     img = frame.to_ndarray(format=fmt)
                 yield idx, img
     except av.FFmpegError as err:
+        if end_frame is not None and last >= end_frame - 1:
+            return  # the stream breaks only after the requested span: not this span's problem
         raise VideoError("decode_error", f"{Path(path).name}: {err}") from err
 
 
@@ -165,7 +169,9 @@ def read_frames_at(path: str | os.PathLike, info: VideoInfo, indices: list[int])
 class VideoWriter:
     """H.264 writer for RGB frames at a fixed rate, made visible atomically on close."""
 
-    def __init__(self, path: str | os.PathLike, fps: int, size: int, preset: str = "superfast", crf: int = 18) -> None:
+    def __init__(
+        self, path: str | os.PathLike, fps: int, size: int, preset: str = "ultrafast", crf: int = 18, threads: int = 1
+    ) -> None:
         self._ctx = atomic_path(path, ".mp4")
         tmp = self._ctx.__enter__()
         self._container = av.open(str(tmp), mode="w", format="mp4")
@@ -173,8 +179,7 @@ class VideoWriter:
         self._stream.width = size
         self._stream.height = size
         self._stream.pix_fmt = "yuv420p"
-        self._stream.thread_type = "AUTO"
-        self._stream.options = {"preset": preset, "crf": str(crf)}
+        self._stream.options = {"preset": preset, "crf": str(crf), "threads": str(threads)}
         self.n_frames = 0
 
     def write(self, rgb: np.ndarray) -> None:
