@@ -195,14 +195,15 @@ class KtoConfig:
     head_roll_deg: float = 30.0
     head_min_s: float = 0.2  # frames beyond a threshold must last this long in the window
     # asymmetric eyebrow: |left - right| outer-brow raise (AU2) or lowering (AU4)
-    brow_asym: float = 0.3  # left-right difference above the clip's rest difference
+    brow_asym: float = 0.35  # left-right difference above the clip's rest difference
     brow_active: float = 0.3  # the stronger side must be raised this much above its rest
-    brow_min_s: float = 0.3
+    brow_min_s: float = 0.4
     # erratic gaze drift: many direction-reversing gaze shifts
-    gaze_shift_amp: float = 0.15  # a shift moves the gaze point at least this far (channel units)
-    gaze_min_shifts: int = 4  # shifts in the window
-    gaze_min_reversals: int = 2  # shifts that reverse the previous shift's direction
-    gaze_smooth_frames: int = 3
+    gaze_shift_amp: float = 0.25  # a shift moves the gaze point at least this far (channel units)
+    gaze_min_shifts: int = 5  # shifts in the window
+    gaze_min_reversals: int = 3  # shifts that reverse the previous shift's direction
+    gaze_smooth_frames: int = 5
+    gaze_vertical: bool = False  # count vertical shifts too (gaze_down follows lid closure, gaze_up is weak)
     # rapid blinking
     blink_rise: float = 0.35  # AU45 above the clip's rest by this much = closed
     blink_fall: float = 0.2  # ... and reopened below rest + this (hysteresis)

@@ -8,10 +8,12 @@ Why each rule (thresholds live in ``params.yaml`` section ``kto_mine``):
   |AU4L - AU4R| (lowering) exceeds the clip's own rest difference by ``brow_asym`` while the
   stronger side is ``brow_active`` above its rest, for ``brow_min_s``. Rest = the clip median,
   because blendshape proxies rest at person-specific levels (DESIGN.md).
-* erratic_gaze: the gaze point (h = gaze_left - gaze_right, v = gaze_up - gaze_down) makes at least
-  ``gaze_min_shifts`` back-and-forth legs of amplitude >= ``gaze_shift_amp`` (a zig-zag filter on
-  the smoothed signal), ``gaze_min_reversals`` of them reversing direction: drift that wanders,
-  not one look to the side.
+* erratic_gaze: the horizontal gaze h = gaze_left - gaze_right (and, with ``gaze_vertical``,
+  v = gaze_up - gaze_down, off by default because gaze_down follows lid closure and gaze_up is
+  weak) makes at least ``gaze_min_shifts`` legs of amplitude >= ``gaze_shift_amp`` (a zig-zag filter
+  on the signal smoothed over ``gaze_smooth_frames``), ``gaze_min_reversals`` of them reversing
+  direction: drift that wanders back and forth, not one look to the side. On the sample clips,
+  talking heads make 0-2 such legs per 4 s, the deliberate gaze-shift clip 5.
 * rapid_blink: at least ``blink_min_count`` blinks (closures < ``blink_max_s``, hysteresis on AU45
   relative to the clip's rest) with a median inter-blink interval below ``blink_max_interval_s``;
   people at rest blink about every 3-4 s.
@@ -113,7 +115,8 @@ def gaze_legs(controls: np.ndarray, cfg: KtoConfig) -> list[tuple[int, float, st
     h = _smooth(controls[:, C["gaze_left"]] - controls[:, C["gaze_right"]], cfg.gaze_smooth_frames)
     v = _smooth(controls[:, C["gaze_up"]] - controls[:, C["gaze_down"]], cfg.gaze_smooth_frames)
     legs = [(t, a, "h") for t, a in zigzag_legs(h, cfg.gaze_shift_amp)]
-    legs += [(t, a, "v") for t, a in zigzag_legs(v, cfg.gaze_shift_amp)]
+    if cfg.gaze_vertical:
+        legs += [(t, a, "v") for t, a in zigzag_legs(v, cfg.gaze_shift_amp)]
     return sorted(legs)
 
 

@@ -138,3 +138,20 @@ def test_kto_job(ray_session, tmp_path):
         assert r["desirable"] and r["prompt"] and r["audio_path"].endswith(".wav")
         assert r["audio_end_s"] - r["audio_start_s"] == pytest.approx((r["end_frame"] - r["start_frame"]) / FPS)
         assert r["keypoints"] is None  # this synthetic upstream has no frames.parquet
+
+
+def test_kto_job_on_real_sample(ray_session, library_upstream, tmp_path):
+    from pipelines.kto import run
+
+    metrics = run(KtoConfig(controls=str(library_upstream["controls"]), frames=str(library_upstream["frames"]),
+                            clips=str(library_upstream["clips"]), out=str(tmp_path), test_fraction=0.3))
+    rows = pq.read_table(tmp_path / "kto.parquet").to_pylist()
+    assert metrics["identities"]["overlap"] == 0
+    train = {r["identity"] for r in rows if r["split"] == "train"}
+    test = {r["identity"] for r in rows if r["split"] == "test"}
+    assert not (train & test)
+    for r in rows:
+        n = r["end_frame"] - r["start_frame"]
+        assert 3 * FPS <= n <= 5 * FPS and r["start_frame"] <= r["reference_frame"] < r["end_frame"]
+        assert len(r["keypoints"]) == n and len(r["keypoints"][0]) == 124
+        assert r["prompt"] and r["video_path"]

@@ -86,3 +86,23 @@ def test_ray_job_matches_local_build(ray_session, synthetic_upstream, tmp_path):
     ctrl = np.asarray(row["controls"])
     np.testing.assert_allclose(ctrl.mean(axis=0), row["channel_mean"], atol=1e-5)
     assert (tmp_path / "ray" / "prototypes_metrics.json").exists()
+
+
+def test_ray_job_on_real_sample(ray_session, library_upstream, sample_library, tmp_path):
+    """The Ray job on invert's real sample output equals the local build (the sample library)."""
+    from pipelines.prototypes import run
+
+    from cogportrait.schema import EVENT_TYPES
+
+    metrics = run(PrototypesConfig(controls=str(library_upstream["controls"]), frames=str(library_upstream["frames"]),
+                                   clips=str(library_upstream["clips"]), out=str(tmp_path)))
+    out = tmp_path / "prototypes.parquet"
+    assert metrics["prototypes"] > 50
+    assert parquet_fingerprint(out) == parquet_fingerprint(sample_library / "prototypes.parquet")
+    table = pq.read_table(out)
+    assert set(table.column("event_type").to_pylist()) <= set(EVENT_TYPES) | {"window"}
+    assert None not in table.column("label").to_pylist() and None not in table.column("identity").to_pylist()
+    for row in table.slice(0, 20).to_pylist():
+        kp = np.asarray(row["keypoints"])
+        assert kp.shape == (row["T"], 124) and 0.0 <= kp.min() and kp.max() <= 1.0
+        assert "no_keypoints" not in row["quality_flags"]
