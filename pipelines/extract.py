@@ -44,6 +44,7 @@ LIGHT_CPUS = 0.05
 def probe_clip(row: dict) -> dict:
     """Open the clip with decord and count its frames: unusable clips get a reject reason."""
     import decord
+    from decord._ffi.base import DECORDError
 
     path = Path(row["abs_path"])
     row = dict(row, reason="", detail="", n_src_frames=0)
@@ -53,7 +54,7 @@ def probe_clip(row: dict) -> dict:
         return dict(row, reason="empty_file", detail=f"{path.name} has zero bytes")
     try:
         n = len(decord.VideoReader(str(path), num_threads=1))
-    except RuntimeError as err:  # decord's DECORDError: its message does not say why; ask PyAV
+    except (RuntimeError, DECORDError) as err:  # its message does not say why; ask PyAV
         reason, detail = _classify_unreadable(path, str(err).splitlines()[0][:200])
         return dict(row, reason=reason, detail=detail)
     if n == 0:

@@ -49,6 +49,7 @@ def iter_clip_frames(path: str | Path, fps: int = CLIP_FPS) -> Iterator[tuple[in
     that frame numbers are always 25 fps clip frames.
     """
     import decord
+    from decord._ffi.base import DECORDError
 
     path = Path(path)
     if not path.is_file():
@@ -57,7 +58,7 @@ def iter_clip_frames(path: str | Path, fps: int = CLIP_FPS) -> Iterator[tuple[in
         raise ClipError("empty_file", f"{path} has zero bytes")
     try:
         reader = decord.VideoReader(str(path), num_threads=1)
-    except RuntimeError as err:  # decord raises DECORDError (a RuntimeError) for unreadable files
+    except (RuntimeError, DECORDError) as err:  # missing stream, broken container
         raise ClipError("undecodable", f"{path.name}: {str(err).splitlines()[0][:200]}") from err
     n_src = len(reader)
     if n_src == 0:
@@ -75,7 +76,7 @@ def iter_clip_frames(path: str | Path, fps: int = CLIP_FPS) -> Iterator[tuple[in
             pos += 1
         except StopIteration:
             return
-        except RuntimeError as err:
+        except (RuntimeError, DECORDError) as err:
             raise ClipError("decode_error", f"{path.name} frame {src_idx}: {str(err)[:200]}") from err
         yield out_idx, img
 
