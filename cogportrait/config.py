@@ -96,6 +96,11 @@ class CurateConfig:
         _check_range("num_workers", self.num_workers, 1)
         if self.min_brightness >= self.max_brightness:
             raise ConfigError("min_brightness must be below max_brightness")
+        if self.max_face_gap_s >= self.min_duration_s:
+            raise ConfigError(
+                f"max_face_gap_s={self.max_face_gap_s} must be below min_duration_s={self.min_duration_s}: "
+                "a kept span must contain face detections, not only bridged gaps"
+            )
 
 
 @dataclass(frozen=True)
