@@ -10,6 +10,7 @@ Counted by looking at every frame of the curated 25 fps clips (eye-region contac
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -82,7 +83,7 @@ def closures(inverted_sample, curated_sample):
 
     ids = clip_ids_by_video(curated_sample / "clips.parquet")
     ev = pq.read_table(inverted_sample / "events.parquet")
-    ev = ev.filter(pc.is_in(ev.column("event_type"), pc.cast(pc.array(["blink", "prolonged_closure", "wink"]), ev.column("event_type").type)))
+    ev = ev.filter(pc.is_in(ev.column("event_type"), value_set=pa.array(["blink", "prolonged_closure", "wink"])))
 
     def of(video_id):
         t = ev.filter(pc.equal(ev.column("clip_id"), ids[video_id][0]))
