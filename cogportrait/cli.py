@@ -79,7 +79,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
 def cmd_face_convert_flame(args: argparse.Namespace) -> int:
     from cogportrait.face.flame import convert_flame
 
-    info = convert_flame(args.model, args.embedding, args.out)
+    info = convert_flame(args.model, args.embedding, args.out, n_shape=args.n_shape)
     print(json.dumps(info, indent=2, sort_keys=True))
     return 0
 
@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="FLAME generic_model.pkl (from flame.is.tue.mpg.de, under its licence)")
     q.add_argument("embedding", help="mediapipe_landmark_embedding.npz (lmk_face_idx, lmk_b_coords, landmark_indices)")
     q.add_argument("out", help="output .npz read by the flame face-model backend")
+    q.add_argument("--n-shape", dest="n_shape", type=int, default=300, help="shape components before the expression ones (FLAME 2020: 300)")
     q.set_defaults(func=cmd_face_convert_flame)
 
     from prototype_store.cli import add_library_commands  # library build|query|stats|show, kto mine
