@@ -1,14 +1,15 @@
 """invert: per-frame face signals -> 17-channel controls, face model, behaviour events.
 
-    frames ─points (1:1)─▶ ─group by clip (N:1)─▶ clip signals ─┬─ rest frames (1:1) ─▶ baselines (driver)
-                                                                ├─ fit stats (1:1) ───▶ ridge fit + LOCO (driver)
-                                                                └─ invert (1:1) ─┬─ controls rows (1:N) ─▶ controls.parquet
-                                                                                 └─ events (1:N) ───────▶ events.parquet
+    clips ─prepare (1:1 clip → signals; reads its own frames)─▶ rest frames + moments ─▶ driver:
+                                                                  baselines, ridge fit, LOCO
+          ─invert (1:1, model held by the actor)─┬─ controls rows (1:N) ─▶ controls.parquet
+                                                 └─ events ─────────────▶ events.parquet
 
-After the one shuffle that gathers a clip's frames, a clip is one row (its arrays packed as npz
-bytes), so every later step is a 1:1 or 1:N map. The face model is fitted over the whole dataset
-from per-clip sufficient statistics in the driver (tiny matrices), which also gives exact
-leave-one-clip-out (LOCO) fits for the quality metrics.
+extract writes each clip's frames contiguously (row groups never mix clips), so a clip's task
+reads just its own rows with a predicate on clip_id: no shuffle. A clip then travels as one row
+(its arrays packed as npz bytes). The face model is fitted over the whole dataset in the driver
+from per-clip moments (tiny matrices) that give the ridge statistics for any baseline, which also
+makes exact leave-one-clip-out (LOCO) fits cheap for the quality metrics.
 
 Run: ``cogportrait invert --frames data/extract --out data/invert``.
 """
@@ -41,7 +42,7 @@ from cogportrait.face.library import (
     RestSettings,
     baseline_from_rest,
     refine_baseline,
-    clip_stats,
+    clip_moments,
     inverted_matrix,
     invert_signals,
     loco_bases,
@@ -55,7 +56,7 @@ from cogportrait.face.library import (
     unpack_arrays,
     unpack_signals,
 )
-from cogportrait.face.model import FIT_AUS, STAT_FIELDS, Baseline, LinearFaceModel
+from cogportrait.face.model import FIT_AUS, MOMENT_FIELDS, Baseline, ClipMoments, LinearFaceModel
 from cogportrait.face.extract import list_column
 from cogportrait.io.atomic import AtomicParquetWriter, atomic_dir, write_json, write_table
 from cogportrait.schema import CLIPS_SCHEMA, CONTROLS_SCHEMA, EVENTS_SCHEMA, N_CHANNELS, REJECTS_SCHEMA, check_reason
@@ -66,46 +67,30 @@ LIGHT_CPUS = 0.25
 FRAME_COLUMNS = ["clip_id", "frame", "face_present", "landmarks", "transform", "au", "gaze", "head_pose", "width", "height"]
 
 
-def select_points(batch: pa.Table) -> pa.Table:
-    """Keep only the 78 landmarks pose normalisation needs (shrinks the shuffle ~6×)."""
-    lm = list_column(batch, "landmarks", 478 * 3)
-    pts = select_normalise_points(lm).reshape(batch.num_rows, -1).astype(np.float32)
-    present = batch.column("face_present")
-    arr = pa.FixedSizeListArray.from_arrays(pa.array(pts.ravel()), pts.shape[1], mask=pc.invert(present.combine_chunks()))
-    return batch.drop_columns(["landmarks"]).append_column("points", arr)
-
-
-class PrepareClip:
-    """N:1 — one clip's frames -> one row holding its pose-normalised signals."""
-
-    def __init__(self, clip_info: dict[str, tuple[str, bool]], refine: str) -> None:
-        self.clip_info = clip_info
-        self.refine = refine
-
-    def __call__(self, group: pa.Table) -> pa.Table:
-        cid = group.column("clip_id")[0].as_py()
-        identity, mirrored = self.clip_info.get(cid, (f"clip:{cid}", False))
-        sig = prepare_clip(group, identity, mirrored, refine=self.refine)
-        return pa.table({"clip_id": [cid], "identity": [identity], "signals": pa.array([pack_signals(sig)], pa.binary())})
+def prepare_step(row: dict, refine: str, rest: RestSettings) -> dict:
+    """1:1 — one clip's frames -> packed signals, its rest frames and its raw moments."""
+    table = pq.read_table(row["path"], columns=FRAME_COLUMNS, filters=[("clip_id", "==", row["clip_id"])])
+    lm = list_column(table, "landmarks", 478 * 3)
+    pts = select_normalise_points(lm).reshape(table.num_rows, -1).astype(np.float32)
+    present = table.column("face_present").combine_chunks()
+    points = pa.FixedSizeListArray.from_arrays(pa.array(pts.ravel()), pts.shape[1], mask=pc.invert(present))
+    table = table.drop_columns(["landmarks"]).append_column("points", points)
+    sig = prepare_clip(table, row["identity"], row["mirrored"], refine=refine)
+    idx = rest_frames(sig, rest)
+    mom = clip_moments(sig)
+    return {
+        "clip_id": row["clip_id"],
+        "identity": row["identity"],
+        "signals": pack_signals(sig),
+        "rest": pack_arrays({"canon": sig.canon[idx], "au": sig.au[idx], "gaze": sig.gaze[idx],
+                             "lid": sig.lid_matrix()[idx], "head_pose": sig.head_pose[idx]}),
+        "n_rest": len(idx),
+        "moments": pack_arrays({f: np.asarray(getattr(mom, f)) for f in MOMENT_FIELDS}),
+    }
 
 
 def _sig(row: dict):
     return unpack_signals(row["clip_id"], row["identity"], row["signals"])
-
-
-def rest_step(row: dict, rest: RestSettings) -> dict:
-    """1:1 — a clip's rest frames (at most rest.max_frames_per_clip) for the identity baseline."""
-    sig = _sig(row)
-    idx = rest_frames(sig, rest)
-    blob = pack_arrays({"canon": sig.canon[idx], "au": sig.au[idx], "gaze": sig.gaze[idx], "lid": sig.lid_matrix()[idx],
-                        "head_pose": sig.head_pose[idx]})
-    return {"clip_id": row["clip_id"], "identity": row["identity"], "rest": blob, "n_rest": len(idx)}
-
-
-def stats_step(row: dict, baselines: dict[str, Baseline]) -> dict:
-    """1:1 — the clip's sufficient statistics for the ridge fit."""
-    st = clip_stats(_sig(row), baselines[row["identity"]])
-    return {"clip_id": row["clip_id"], "stats": pack_arrays({f: np.asarray(getattr(st, f)) for f in STAT_FIELDS})}
 
 
 class InvertClip:
@@ -191,21 +176,18 @@ def run(cfg: InvertConfig, events_cfg: EventsConfig | None = None) -> dict:
         ray.init(num_cpus=cfg.num_workers, include_dashboard=False, configure_logging=False)
     DataContext.get_current().target_max_block_size = 128 * 1024 * 1024
     n = cfg.num_workers
-    ds = ray.data.read_parquet([str(f) for f in files], columns=FRAME_COLUMNS, schema=None)
-    # 1:1 frame -> frame; 478 landmarks -> the 78 normalisation points        (light CPU)
-    ds = ds.map_batches(select_points, batch_format="pyarrow", num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n))
-    # N:1 clip's frames -> clip signals; pose removal, IOD, lid geometry       (shuffle by clip)
-    ds = ds.groupby("clip_id").map_groups(
-        PrepareClip, fn_constructor_kwargs={"clip_info": clip_info, "refine": cfg.pose_refine},
-        batch_format="pyarrow", num_cpus=LIGHT_CPUS, compute=ActorPoolStrategy(size=n),
-    )
-    clips_ds = ds.materialize()
+    clip_rows = _clip_rows(files, clip_info)
+    if not clip_rows:
+        raise ValueError(f"no clip in {frames_dir}")
+    ds = ray.data.from_items(clip_rows, override_num_blocks=len(clip_rows))
+    # 1:1 clip -> signals, rest frames, moments; reads the clip's rows, pose removal  (1 CPU)
+    clips_ds = ds.map(prepare_step, fn_kwargs={"refine": cfg.pose_refine, "rest": rest}, num_cpus=1,
+                      compute=TaskPoolStrategy(size=n)).materialize()
     n_clips = clips_ds.count()
+    summary = clips_ds.select_columns(["clip_id", "identity", "rest", "n_rest", "moments"]).take_all()
 
-    # 1:1 clip -> rest frames (≤ rest_max_frames_per_clip)                  (light CPU)
-    rest_rows = clips_ds.map(rest_step, fn_kwargs={"rest": rest}, num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n)).take_all()
     by_identity: dict[str, list] = defaultdict(list)
-    for r in rest_rows:
+    for r in summary:
         if r["n_rest"]:
             by_identity[r["identity"]].append(unpack_arrays(r["rest"]))
     rest_data = {
@@ -213,18 +195,16 @@ def run(cfg: InvertConfig, events_cfg: EventsConfig | None = None) -> dict:
         for ident, parts in by_identity.items()
     }
     first = {ident: _baseline(ident, parts) for ident, parts in by_identity.items()}
-    no_rest = sorted({r["clip_id"] for r in rest_rows if r["identity"] not in first})
+    no_rest = sorted({r["clip_id"] for r in summary if r["identity"] not in first})
     good = clips_ds.filter(lambda r: r["identity"] in first) if no_rest else clips_ds
-    identity_of = {r["clip_id"]: r["identity"] for r in rest_rows}
+    identity_of = {r["clip_id"]: r["identity"] for r in summary}
+    moments = {r["clip_id"]: _moments(unpack_arrays(r["moments"])) for r in summary if r["identity"] in first}
 
-    # 1:1 clip -> sufficient statistics (XᵀX, XᵀD, sums)                     (light CPU)
-    stat_rows = good.map(stats_step, fn_kwargs={"baselines": first}, num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n)).take_all()
-    stats0 = {r["clip_id"]: _stats(unpack_arrays(r["stats"])) for r in stat_rows}
-    # fit, re-centre each baseline under the basis (no offset at rest), refit: all from the
-    # statistics, no second pass over the frames
+    # fit, re-centre each baseline under the basis (no offset at rest), refit
+    stats0 = {c: m.stats(first[identity_of[c]]) for c, m in moments.items()}
     model0 = LinearFaceModel.fit(_sum(stats0.values()), cfg.ridge)
     baselines = {i: refine_baseline(b, rest_data[i], model0.basis) for i, b in first.items()}
-    stats = {c: s.shifted(_delta(baselines, first, identity_of[c])) for c, s in stats0.items()}
+    stats = {c: m.stats(baselines[identity_of[c]]) for c, m in moments.items()}
     total = _sum(stats.values())
     meta = {"clips": len(stats), "frames": int(total.n), "identities": len(baselines), "frames_dir": str(frames_dir)}
     model = LinearFaceModel.fit(total, cfg.ridge, meta)
@@ -236,13 +216,13 @@ def run(cfg: InvertConfig, events_cfg: EventsConfig | None = None) -> dict:
             ident = identity_of[cid]
             b = refine_baseline(baselines[ident], rest_data[ident], basis) if np.all(np.isfinite(basis)) else baselines[ident]
             loco[cid] = (basis, b)
-            loco_stats[cid] = stats[cid].shifted(_delta({ident: b}, baselines, ident))
+            loco_stats[cid] = moments[cid].stats(b)
 
     # 1:1 clip -> controls, residuals, events, correlation sums              (actor per core)
     results = good.map(
         InvertClip,
         fn_constructor_kwargs={"model": model, "baselines": baselines, "loco": loco, "settings": settings, "events": events_cfg},
-        compute=ActorPoolStrategy(size=n), num_cpus=LIGHT_CPUS,
+        compute=ActorPoolStrategy(size=n), num_cpus=1,
     ).materialize()
 
     n_rows = 0
@@ -305,8 +285,23 @@ def _delta(new: dict[str, Baseline], old: dict[str, Baseline], ident: str) -> np
     return (new[ident].keypoints - old[ident].keypoints).reshape(-1)
 
 
-def _stats(a: dict[str, np.ndarray]) -> ClipStats:
-    return ClipStats(int(a["n"]), a["xtx"], a["xtd"], a["dsum"], a["dsq"], a["xsum"])
+def _moments(a: dict[str, np.ndarray]) -> ClipMoments:
+    return ClipMoments(int(a["n"]), a["zz"], a["zk"], a["z"], a["k"], a["kk"])
+
+
+def _clip_rows(files: list[Path], clip_info: dict[str, tuple[str, bool]]) -> list[dict]:
+    """One row per clip found in the frames files (identity/mirrored from extract's clips table)."""
+    rows = []
+    seen: set[str] = set()
+    for f in files:
+        ids = pq.read_table(f, columns=["clip_id"]).column("clip_id").unique().to_pylist()
+        for cid in ids:
+            if cid in seen:
+                raise ValueError(f"clip {cid} appears in more than one frames file")
+            seen.add(cid)
+            identity, mirrored = clip_info.get(cid, (f"clip:{cid}", False))
+            rows.append({"clip_id": cid, "identity": identity, "mirrored": mirrored, "path": str(f)})
+    return rows
 
 
 def _metrics(cfg: InvertConfig, stats, model, loco, loco_stats, summaries, baselines) -> dict:
@@ -366,4 +361,4 @@ if __name__ == "__main__":
     raise SystemExit(main(["invert", *os.sys.argv[1:]]))
 
 
-__all__ = ["InvertClip", "PrepareClip", "controls_rows", "rest_step", "run", "select_points", "stats_step", "N_CHANNELS"]
+__all__ = ["InvertClip", "controls_rows", "prepare_step", "run"]

@@ -19,10 +19,12 @@ from cogportrait.face.model import (
     N_DIMS,
     N_REG,
     Baseline,
+    ClipMoments,
     ClipStats,
     LinearFaceModel,
     estimate_baseline,
     group_dims,
+    raw_features,
     regressors,
     rest_mask,
     ridge_solve,
@@ -157,6 +159,15 @@ def fit_rows(sig: ClipSignals, baseline: Baseline) -> tuple[np.ndarray, np.ndarr
 def clip_stats(sig: ClipSignals, baseline: Baseline) -> ClipStats:
     x, d = fit_rows(sig, baseline)
     return ClipStats.of(x, d) if len(x) else ClipStats.zero()
+
+
+def clip_moments(sig: ClipSignals) -> ClipMoments:
+    """Baseline-free moments of the clip's usable frames (face present, proxies finite)."""
+    t = len(sig.frame)
+    z = raw_features(sig.au, sig.gaze, sig.head_pose)
+    k = sig.canon.reshape(t, N_DIMS)
+    ok = sig.present & np.all(np.isfinite(z), axis=1) & np.all(np.isfinite(k), axis=1)
+    return ClipMoments.of(z[ok], k[ok])
 
 
 GROUP_DIMS: dict[str, np.ndarray] = {g: group_dims(g) for g in KEYPOINT_GROUPS}

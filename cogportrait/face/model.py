@@ -1,6 +1,6 @@
 """The linear face model fitted from data, and identity-specific neutral baselines.
 
-d_t = k̃_t − b = B_a (a_t − a_b) + B_g (g_t − g_b) + B_r sin(r_t − r_b)   (DESIGN.md, paper §3.2)
+d_t = k̃_t − b = B_a (a_t − a_b) + B_g (g_t − g_b) + B_r (sin r_t − sin r_b)   (DESIGN.md, paper §3.2)
 
 k̃_t are pose-normalised keypoints (62×3, IOD units, y up), b an identity's rest keypoints,
 a_t the AU proxies the basis can see per frame (AU41 is temporal, see inversion.py), g_t the
@@ -32,7 +32,7 @@ MODEL_VERSION = 1
 FIT_AUS: tuple[str, ...] = tuple(c for c in AU_CHANNELS if c != "AU41")
 FIT_AU_INDEX: tuple[int, ...] = tuple(AU_CHANNELS.index(c) for c in FIT_AUS)
 GAZE_TERMS: tuple[str, ...] = ("gaze_horizontal", "gaze_vertical")
-POSE_TERMS: tuple[str, ...] = ("sin_yaw", "sin_pitch", "sin_roll")  # of the angle minus its rest value
+POSE_TERMS: tuple[str, ...] = ("sin_yaw", "sin_pitch", "sin_roll")  # minus their rest values
 REGRESSORS: tuple[str, ...] = FIT_AUS + GAZE_TERMS + POSE_TERMS
 N_REG = len(REGRESSORS)
 N_DIMS = N_KEYPOINTS * 3
@@ -100,15 +100,54 @@ STAT_FIELDS = ("n", "xtx", "xtd", "dsum", "dsq", "xsum")
 
 
 def pose_terms(head_pose: np.ndarray, baseline: Baseline) -> np.ndarray:
-    """T x 3: sin of each head angle minus the identity's rest angle."""
-    return np.sin(np.radians(np.asarray(head_pose, dtype=np.float64) - baseline.head_pose))
+    """T x 3: sin of each head angle minus sin of the identity's rest angle."""
+    return np.sin(np.radians(np.asarray(head_pose, dtype=np.float64))) - np.sin(np.radians(baseline.head_pose))
+
+
+def raw_features(au: np.ndarray, gaze_signed: np.ndarray, head_pose: np.ndarray) -> np.ndarray:
+    """T x R features before the rest values are subtracted (regressors = raw − rest)."""
+    return np.concatenate([au[:, list(FIT_AU_INDEX)], gaze_signed, np.sin(np.radians(head_pose))], axis=1)
+
+
+def rest_features(baseline: Baseline) -> np.ndarray:
+    """R rest values of raw_features for an identity."""
+    return np.concatenate([baseline.au[list(FIT_AU_INDEX)], baseline.gaze, np.sin(np.radians(baseline.head_pose))])
 
 
 def regressors(au: np.ndarray, gaze_signed: np.ndarray, head_pose: np.ndarray, baseline: Baseline) -> np.ndarray:
     """T x R design matrix: AU proxies, signed gaze and pose terms minus the identity's rest values."""
-    a = au[:, list(FIT_AU_INDEX)] - baseline.au[list(FIT_AU_INDEX)]
-    g = gaze_signed - baseline.gaze
-    return np.concatenate([a, g, pose_terms(head_pose, baseline)], axis=1)
+    return raw_features(au, gaze_signed, head_pose) - rest_features(baseline)
+
+
+@dataclass
+class ClipMoments:
+    """Raw second moments of a clip's features z and canonical keypoints k (no baseline needed).
+
+    The driver turns them into ClipStats for any baseline, so one pass over the frames serves
+    baseline estimation, fitting and leave-one-clip-out evaluation.
+    """
+
+    n: int
+    zz: np.ndarray  # R x R
+    zk: np.ndarray  # R x D
+    z: np.ndarray  # R
+    k: np.ndarray  # D
+    kk: np.ndarray  # D
+
+    @staticmethod
+    def of(z: np.ndarray, k: np.ndarray) -> ClipMoments:
+        return ClipMoments(len(z), z.T @ z, z.T @ k, z.sum(axis=0), k.sum(axis=0), (k * k).sum(axis=0))
+
+    def stats(self, baseline: Baseline) -> ClipStats:
+        o = rest_features(baseline)
+        b = baseline.keypoints.reshape(N_DIMS)
+        n = self.n
+        xtx = self.zz - np.outer(self.z, o) - np.outer(o, self.z) + n * np.outer(o, o)
+        xtd = self.zk - np.outer(self.z, b) - np.outer(o, self.k) + n * np.outer(o, b)
+        return ClipStats(n, xtx, xtd, self.k - n * b, self.kk - 2 * b * self.k + n * b * b, self.z - n * o)
+
+
+MOMENT_FIELDS = ("n", "zz", "zk", "z", "k", "kk")
 
 
 def ridge_solve(stats: ClipStats, ridge: float) -> np.ndarray:

@@ -1,0 +1,183 @@
+"""Benchmark extract and invert: frames/s per core with 1 and 2 Ray workers, plus the bare per-core
+rates without Ray (decode + FaceLandmarker + row building; the inversion maths), and peak RSS.
+
+    python bench/extract.py [--clips data/curate/clips.parquet] [--workers 1 2] > bench.json
+
+Without --clips it curates the bundled sample dataset into a temporary folder first. Prints one
+JSON object on stdout (logs go to stderr). Each Ray run gets a fresh local cluster sized to its
+worker count, so the numbers include Ray's own start-up of the job's actors (not of the cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("cogportrait.bench")
+
+
+class PeakRss:
+    """Samples the RSS of this process and all its descendants (Ray workers included)."""
+
+    def __init__(self, period_s: float = 0.25) -> None:
+        self.period_s = period_s
+        self.peak_total = 0
+        self.peak_single = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            procs = [me] + me.children(recursive=True)
+            rss = []
+            for p in procs:
+                try:
+                    rss.append(p.memory_info().rss)
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue  # a worker that exited between listing and reading
+            if rss:
+                self.peak_total = max(self.peak_total, sum(rss))
+                self.peak_single = max(self.peak_single, max(rss))
+            self._stop.wait(self.period_s)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def as_dict(self) -> dict:
+        return {"peak_rss_mb_all_processes": round(self.peak_total / 2**20, 1), "peak_rss_mb_largest_process": round(self.peak_single / 2**20, 1)}
+
+
+def _ray_restart(n: int) -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+def bench_jobs(clips: Path, workers: list[int], work: Path) -> dict:
+    from cogportrait.config import ExtractConfig, InvertConfig
+    from pipelines.extract import run as run_extract
+    from pipelines.invert import run as run_invert
+
+    out = {}
+    for n in workers:
+        _ray_restart(n)
+        ext, inv = work / f"extract-{n}", work / f"invert-{n}"
+        with PeakRss() as rss_e:
+            t = time.perf_counter()
+            m = run_extract(ExtractConfig(clips=str(clips), out=str(ext), num_workers=n))
+            wall_e = time.perf_counter() - t
+        with PeakRss() as rss_i:
+            t = time.perf_counter()
+            mi = run_invert(InvertConfig(frames=str(ext), out=str(inv), num_workers=n))
+            wall_i = time.perf_counter() - t
+        out[f"workers_{n}"] = {
+            "extract": {"frames": m["frames"], "clips": m["clips"], "wall_s": round(wall_e, 2),
+                        "frames_per_s": round(m["frames"] / wall_e, 1), "frames_per_s_per_core": round(m["frames"] / wall_e / n, 1),
+                        **rss_e.as_dict()},
+            "invert": {"frames": mi["frames"], "wall_s": round(wall_i, 2), "frames_per_s": round(mi["frames"] / wall_i, 1),
+                       "frames_per_s_per_core": round(mi["frames"] / wall_i / n, 1), **rss_i.as_dict(),
+                       "loco_r2_xy_overall": mi["r2_by_group"]["loco_xy"].get("overall")},
+        }
+    import ray
+
+    ray.shutdown()
+    return out
+
+
+def bench_core(clips: Path, work: Path) -> dict:
+    """Per-core rates of the library code alone (one process, no Ray)."""
+    from cogportrait.face.extract import extract_clip, read_frames
+    from cogportrait.face.library import invert_signals, prepare_clip, select_normalise_points
+    from cogportrait.face.model import LinearFaceModel, load_baselines
+
+    table = pq.read_table(clips)
+    rows = sorted(table.select(["clip_id", "clip_path", "n_frames"]).to_pylist(), key=lambda r: -r["n_frames"])[:2]
+    t = time.perf_counter()
+    frames = 0
+    for r in rows:
+        frames += extract_clip(clips.parent / r["clip_path"], r["clip_id"]).num_rows
+    extract_rate = frames / (time.perf_counter() - t)
+
+    ext, inv = work / "extract-1", work / "invert-1"
+    model = LinearFaceModel.load(inv / "face_model")
+    baselines = load_baselines(inv / "face_model" / "baselines.npz")
+    kept = pq.read_table(ext / "clips.parquet").select(["clip_id", "identity"]).to_pylist()
+    ident = {r["clip_id"]: (r["identity"] if r["identity"] and r["identity"] != "unknown" else f"clip:{r['clip_id']}") for r in kept}
+    all_frames = read_frames(ext, ["clip_id", "frame", "face_present", "landmarks", "transform", "au", "gaze", "head_pose", "width", "height"])
+    sigs = []
+    t_prep = time.perf_counter()
+    for cid in ident:
+        part = all_frames.filter(pc.equal(all_frames.column("clip_id"), cid))
+        lm = np.asarray(part.column("landmarks").combine_chunks().flatten().to_numpy(zero_copy_only=False)).reshape(part.num_rows, -1)
+        pts = select_normalise_points(lm).reshape(part.num_rows, -1).astype(np.float32)
+        part = part.drop_columns(["landmarks"]).append_column("points", pa.FixedSizeListArray.from_arrays(pa.array(pts.ravel()), pts.shape[1]))
+        sigs.append(prepare_clip(part, ident[cid], False))
+    prep_s = time.perf_counter() - t_prep
+    n = sum(len(s.frame) for s in sigs)
+    t = time.perf_counter()
+    for s in sigs:
+        invert_signals(s, model, baselines[s.identity])
+    solve_s = time.perf_counter() - t
+    return {
+        "extract_decode_landmarks_rows_frames_per_s": round(extract_rate, 1),
+        "invert_pose_normalisation_frames_per_s": round(n / prep_s, 1),
+        "invert_solve_frames_per_s": round(n / solve_s, 1),
+        "invert_normalise_plus_solve_frames_per_s": round(n / (prep_s + solve_s), 1),
+    }
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clips", help="clips.parquet (default: curate the sample dataset into a temp folder)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cogportrait-bench-") as tmp:
+        work = Path(tmp)
+        if args.clips:
+            clips = Path(args.clips).resolve()
+        else:
+            from cogportrait.config import CurateConfig
+            from pipelines.curate import run as run_curate
+
+            _ray_restart(2)
+            run_curate(CurateConfig(manifest=str(REPO / "datasets/sample/manifest.csv"), out=str(work / "curate"), num_workers=2))
+            clips = work / "curate" / "clips.parquet"
+        jobs = bench_jobs(clips, sorted(set(args.workers) | {1}), work)
+        core = bench_core(clips, work)
+    result = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
+                    "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version()},
+        "ray_jobs": jobs,
+        "single_core_library": core,
+        "goals": {"extract_frames_per_s_per_core": 80, "invert_frames_per_s_per_core": 1000},
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
