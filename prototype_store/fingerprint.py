@@ -11,6 +11,9 @@ fed to one hasher per (column, level, part), so row-group and batch boundaries d
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 FINGERPRINT_KEY = b"cogportrait.fingerprint"
+log = logging.getLogger("cogportrait.prototype_store")
 
 
 class _Hashers:
@@ -90,3 +94,51 @@ def stored_fingerprint(path: str | Path) -> str | None:
     meta = pq.read_schema(path).metadata or {}
     value = meta.get(FINGERPRINT_KEY)
     return value.decode() if value else None
+
+
+def file_stat(path: str | Path) -> dict[str, int]:
+    """What changes whenever a file is rewritten: size, mtime (ns) and inode."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("COGPORTRAIT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "cogportrait")
+    return Path(root) / "fingerprints.json"
+
+
+def _cache_key(path: str | Path) -> str:
+    st = file_stat(path)
+    return f"{os.path.realpath(path)}|{st['size']}|{st['mtime_ns']}|{st['inode']}"
+
+
+def cached_fingerprint(path: str | Path, known: dict[str, int] | None = None, known_fp: str | None = None) -> str:
+    """The content fingerprint, recomputed only when the file was rewritten since it was last seen.
+
+    ``known``/``known_fp``: the stat and fingerprint recorded when the index was built. A rewrite
+    (even of one row) changes the file's size, mtime or inode, so an unchanged stat means unchanged
+    content; otherwise the content is hashed again (and remembered in a per-user cache, outside the
+    library, so DVC outputs are never touched).
+    """
+    if known is not None and known_fp and known == file_stat(path):
+        return known_fp
+    cache_file = _cache_path()
+    key = _cache_key(path)
+    cache: dict[str, str] = {}
+    if cache_file.exists():
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError) as exc:
+            log.debug("ignoring unreadable fingerprint cache %s: %s", cache_file, exc)
+    if key in cache:
+        return cache[key]
+    fp = parquet_fingerprint(path)
+    cache = {k: v for k, v in cache.items() if not k.startswith(os.path.realpath(path) + "|")}
+    cache[key] = fp
+    try:
+        from cogportrait.io.atomic import write_json
+
+        write_json(cache_file, dict(list(cache.items())[-256:]))
+    except OSError as exc:
+        log.debug("cannot write fingerprint cache %s: %s", cache_file, exc)
+    return fp

@@ -5,6 +5,8 @@ so reading just those columns costs a fraction of any full-vector distance, and 
 scan runs in float32 over column-major data in cache-sized chunks (optionally on two threads:
 numpy releases the GIL), keeps every row within float32 error of the k-th distance, and re-ranks
 those candidates in float64 with the store's total order (distance, midpoint L1, position).
+When many rows lie inside every range (distance 0, common with range targets), they are first
+narrowed by their midpoint L1 in float32, so the cost stays that of the scan.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ F32_TOL = 2e-5  # >= accumulated float32 rounding of a distance over <= 34 featu
 
 
 class ColumnScan:
-    """Column-major float32 copy of the weighted features plus the float64 rows for re-ranking."""
+    """Column-major float32 copy of the weighted features for the scan, float64 for the re-rank."""
 
     def __init__(self, weighted: np.ndarray, threads: int = 1, chunk: int = 65_536) -> None:
-        self.w64 = np.ascontiguousarray(weighted, dtype=np.float64)
-        self.cols32 = np.ascontiguousarray(weighted.T, dtype=np.float32)
-        self.n = len(weighted)
+        self.cols64 = np.ascontiguousarray(np.asarray(weighted, dtype=np.float64).T)  # (34, N)
+        self.cols32 = self.cols64.astype(np.float32)
+        self.n = self.cols64.shape[1]
         self.chunk = chunk
         self.threads = max(1, threads)
         self._pool = ThreadPoolExecutor(max_workers=self.threads) if self.threads > 1 else None
@@ -34,11 +36,20 @@ class ColumnScan:
             self._pool.shutdown(wait=False)
             self._pool = None
 
-    def distances32(self, q: WeightedQuery, rows: np.ndarray | None = None) -> np.ndarray:
-        """Approximate (float32) Eq. 3 distance of every row, or of ``rows``."""
+    def _run(self, n: int, work) -> None:
+        spans = [(s, min(n, s + self.chunk)) for s in range(0, n, self.chunk)]
+        if self._pool is not None and len(spans) > 2:
+            list(self._pool.map(lambda se: work(*se), spans))
+        else:
+            for s, e in spans:
+                work(s, e)
+
+    def distances32(self, q: WeightedQuery, rows: np.ndarray | None = None, midpoint: bool = False) -> np.ndarray:
+        """float32 Eq. 3 distance (or, with ``midpoint``, the midpoint L1) of every row or of ``rows``."""
         cols = np.flatnonzero(q.mask)
         a = q.a[cols].astype(np.float32)
         b = q.b[cols].astype(np.float32)
+        m = q.mid[cols].astype(np.float32)
         n = self.n if rows is None else len(rows)
         out = np.zeros(n, dtype=np.float32)
 
@@ -49,19 +60,28 @@ class ColumnScan:
             sub = None if rows is None else rows[start:end]
             for i, c in enumerate(cols):
                 x = self.cols32[c, start:end] if sub is None else self.cols32[c, sub]
-                np.subtract(a[i], x, out=t1)
-                np.subtract(x, b[i], out=t2)
-                np.maximum(t1, t2, out=t1)
-                np.maximum(t1, 0.0, out=t1)
+                if midpoint:
+                    np.subtract(x, m[i], out=t1)
+                    np.abs(t1, out=t1)
+                else:
+                    np.subtract(a[i], x, out=t1)
+                    np.subtract(x, b[i], out=t2)
+                    np.maximum(t1, t2, out=t1)
+                    np.maximum(t1, 0.0, out=t1)
                 acc += t1
 
-        spans = [(s, min(n, s + self.chunk)) for s in range(0, n, self.chunk)]
-        if self._pool is not None and len(spans) > 2:
-            list(self._pool.map(lambda se: work(*se), spans))
-        else:
-            for s, e in spans:
-                work(s, e)
+        self._run(n, work)
         return out
+
+    def _exact(self, q: WeightedQuery, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float64 distance and midpoint L1 of the rows at ``pos`` (column gathers only)."""
+        d = np.zeros(len(pos))
+        l1 = np.zeros(len(pos))
+        for c in np.flatnonzero(q.mask):
+            x = self.cols64[c, pos]
+            d += np.maximum(0.0, np.maximum(q.a[c] - x, x - q.b[c]))
+            l1 += np.abs(x - q.mid[c])
+        return d, l1
 
     def topk(self, q: WeightedQuery, k: int, ids: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Positions and exact (float64) distances of the top k among ``rows`` (None = all)."""
@@ -69,12 +89,19 @@ class ColumnScan:
         if len(d32) == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0)
         k = min(k, len(d32))
-        kth = np.partition(d32, k - 1)[k - 1] if len(d32) > k else d32.max()
-        local = np.flatnonzero(d32 <= kth + F32_TOL * (1.0 + abs(float(kth))))
+        kth = float(np.partition(d32, k - 1)[k - 1]) if len(d32) > k else float(d32.max())
+        tol = F32_TOL * (1.0 + abs(kth))
+        local = np.flatnonzero(d32 <= kth + tol)
+        if kth == 0.0 and len(local) > 4 * k + 64:
+            # at least k rows lie inside every target range (distance exactly 0, common with range
+            # targets): only those can make the top k; order them by the midpoint L1 in float32,
+            # keep the closest (with float32 slack), then rank exactly
+            zero = local[d32[local] == 0.0]
+            sub = zero if rows is None else rows[zero]
+            l32 = self.distances32(q, sub, midpoint=True)
+            lk = float(np.partition(l32, k - 1)[k - 1]) if len(l32) > k else float(l32.max())
+            local = zero[l32 <= lk + F32_TOL * (1.0 + abs(lk))]
         pos = local if rows is None else rows[local]
-        cols = np.flatnonzero(q.mask)
-        x = self.w64[pos][:, cols]
-        d = np.maximum(0.0, np.maximum(q.a[cols] - x, x - q.b[cols])).sum(axis=1)
-        l1 = np.abs(x - q.mid[cols]).sum(axis=1)
+        d, l1 = self._exact(q, pos)
         order = rank(d, l1, ids[pos], k)
         return pos[order].astype(np.int64), d[order]

@@ -53,7 +53,14 @@ from cogportrait.schema import (
     PROTOTYPES_SCHEMA,
 )
 from prototype_store.scan import ColumnScan
-from prototype_store.fingerprint import FINGERPRINT_KEY, parquet_fingerprint, stored_fingerprint, table_fingerprint
+from prototype_store.fingerprint import (
+    FINGERPRINT_KEY,
+    cached_fingerprint,
+    file_stat,
+    parquet_fingerprint,
+    stored_fingerprint,
+    table_fingerprint,
+)
 from prototype_store.retrieval import (
     N_FEATURES,
     Intervals,
@@ -211,6 +218,7 @@ def build_index(library: str | os.PathLike, cfg: IndexConfig) -> dict[str, Any]:
     if not parquet.exists():
         raise LibraryError(f"no {parquet}; run `cogportrait library build` (or `dvc repro prototypes`)")
     t0 = time.perf_counter()
+    stat = file_stat(parquet)
     fingerprint = parquet_fingerprint(parquet)
     feats = _read_features(parquet)
     n = len(feats)
@@ -227,6 +235,7 @@ def build_index(library: str | os.PathLike, cfg: IndexConfig) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "format": INDEX_FORMAT,
         "fingerprint": fingerprint,
+        "parquet_stat": stat,
         "n": n,
         "dim": dim,
         "faiss_version": faiss.__version__,
@@ -454,8 +463,12 @@ class PrototypeStore:
         """Open LIB (folder or its prototypes.parquet); refuses empty libraries and stale indexes.
 
         ``overrides`` replace query-time settings of the index config (search, exact_scan_max,
-        threads, nprobe, overfetch, min_candidates), e.g. for benchmarks.
+        threads, nprobe, overfetch, min_candidates), e.g. for benchmarks. ``verify="full"``
+        rehashes the Parquet even when its size, mtime and inode are those recorded at indexing.
         """
+        verify = overrides.pop("verify", "auto")
+        if verify not in ("auto", "full"):
+            raise ValueError(f"verify={verify!r}; choose auto (rehash only a rewritten file) or full")
         allowed = {"search", "exact_scan_max", "threads", "nprobe", "overfetch", "min_candidates"}
         if set(overrides) - allowed:
             raise TypeError(f"cannot override {sorted(set(overrides) - allowed)}; allowed: {sorted(allowed)}")
@@ -475,7 +488,10 @@ class PrototypeStore:
         if meta.get("format") != INDEX_FORMAT:
             raise StaleIndexError(f"index format {meta.get('format')} at {index_dir} is not {INDEX_FORMAT}; rebuild the index")
         claimed = stored_fingerprint(parquet)
-        actual = parquet_fingerprint(parquet)
+        if verify == "full":
+            actual = parquet_fingerprint(parquet)
+        else:
+            actual = cached_fingerprint(parquet, meta.get("parquet_stat"), meta.get("fingerprint"))
         if meta.get("fingerprint") != actual:
             raise StaleIndexError(
                 f"stale index: {index_dir} was built for content {str(meta.get('fingerprint'))[:12]}, but "

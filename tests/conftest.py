@@ -30,6 +30,8 @@ def sample_manifest() -> Path:
 
 
 # -- prototype library (issue 4) -----------------------------------------------------------------
+# fingerprint cache of prototype_store: keep the tests' entries out of the user's home
+os.environ.setdefault("COGPORTRAIT_CACHE_DIR", str(Path(__import__("tempfile").mkdtemp(prefix="cogportrait-cache-"))))
 
 
 @pytest.fixture(scope="session")

@@ -60,6 +60,21 @@ def small_candidates_library(sample_library, tmp_path_factory):
     return lib
 
 
+def test_scan_with_many_ties_equals_brute_force(sample_library, tmp_path):
+    """Wide ranges put thousands of rows at distance 0: the midpoint L1 then decides, exactly."""
+    src = pq.read_table(sample_library / "prototypes.parquet")
+    write_prototypes(tmp_path / "prototypes.parquet", perturb_prototypes(src, 5000, seed=4))
+    build_index(tmp_path, IndexConfig())
+    store = PrototypeStore.open(tmp_path, search="scan")
+    table = pq.read_table(tmp_path / "prototypes.parquet", columns=["prototype_id", "channel_mean", "channel_max"])
+    fw = _fw(store)
+    for targets in ({"AU45L": [0.0, 1.0]}, {"AU1": [0.0, 1.0], "yaw": [-60, 60]}, {"gaze_left": [0, 1], "AU45": 0.2}):
+        got = store.query(targets, k=7, arrays=False)
+        pos, dist = _oracle(table, targets, fw, 7)
+        assert [m.prototype_id for m in got] == [table.column("prototype_id")[int(p)].as_py() for p in pos]
+        np.testing.assert_allclose([m.distance for m in got], dist, atol=1e-9)
+
+
 @pytest.mark.parametrize(
     "lib_fixture, search",
     [("sample_library", "scan"), ("sample_library", "index"), ("small_candidates_library", "index")],
@@ -173,8 +188,29 @@ def test_stale_index_is_an_error(sample_library, tmp_path):
     pq.write_table(table, lib / "prototypes.parquet")
     with pytest.raises(StaleIndexError, match="stale index"):
         PrototypeStore.open(lib)
+    with pytest.raises(StaleIndexError, match="stale index"):
+        PrototypeStore.open(lib, verify="full")
     build_index(lib, IndexConfig())
     PrototypeStore.open(lib)  # rebuilding fixes it
+
+
+def test_full_verify_catches_an_edit_that_restores_the_file_stat(sample_library, tmp_path):
+    import os
+
+    lib = tmp_path / "lib"
+    shutil.copytree(sample_library, lib)
+    build_index(lib, IndexConfig())
+    path = lib / "prototypes.parquet"
+    before = os.stat(path)
+    table = pq.read_table(path)
+    mean = table.column("channel_mean").to_pylist()
+    mean[0][0] = mean[0][0] + 0.25
+    table = table.set_column(table.schema.get_field_index("channel_mean"), "channel_mean",
+                             pa.array(mean, PROTOTYPES_SCHEMA.field("channel_mean").type))
+    pq.write_table(table, path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(StaleIndexError):
+        PrototypeStore.open(lib, verify="full")
 
 
 def test_empty_library_is_an_error(tmp_path):
@@ -218,3 +254,35 @@ def test_prototype_store_imports_no_ray():
 
 def test_channels_vocabulary_unchanged():
     assert len(CONTROL_CHANNELS) == 17
+
+
+def test_cli_query_json_stats_show(sample_library, tmp_path, capsys):
+    import json
+
+    from cogportrait.cli import main
+
+    store = PrototypeStore.open(sample_library)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cogportrait.cli", "library", "query", "--library", str(sample_library),
+         "--label", store.labels[0], "--target", "AU45L=0.6..1.0", "--target", "pitch=-12..-5", "-k", "5", "--json"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)  # exactly one JSON document
+    assert isinstance(results, list) and 0 < len(results) <= 5
+    dists = [r["distance"] for r in results]
+    assert all(isinstance(d, float) for d in dists) and dists == sorted(dists)
+    assert all(r["label"] == store.labels[0] for r in results)
+
+    assert main(["library", "query", "--library", str(sample_library), "--target", "AU6=0.5", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown channel 'AU6'" in err and "AU45L" in err
+    assert main(["library", "query", "--library", str(sample_library), "--label", "nope", "--target", "AU45=1"]) == 2
+    assert store.labels[0] in capsys.readouterr().err
+
+    assert main(["library", "stats", str(sample_library)]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["prototypes"] == store.n
+    png = tmp_path / "p.png"
+    assert main(["library", "show", str(sample_library), results[0]["prototype_id"], "--plot", str(png)]) == 0
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
