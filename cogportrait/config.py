@@ -150,7 +150,7 @@ class IndexConfig:
     overfetch: int = 20  # IVF candidates per result before the exact re-rank
     min_candidates: int = 100
     search: str = "auto"  # auto: exact column scan up to exact_scan_max rows, else the FAISS index
-    exact_scan_max: int = 100_000  # (filtered) row counts up to this are scanned exactly in numpy
+    exact_scan_max: int = 2_000_000  # (filtered) row counts up to this are scanned exactly (bench/RESULTS.md)
     threads: int = 2  # threads of the column scan
     train_size: int = 65_536  # vectors sampled to train IVF centroids
     recall_queries: int = 200  # random queries used to measure IVF recall@5

@@ -450,6 +450,7 @@ class PrototypeStore:
         self.ids = np.arange(self.n)  # positions double as the final tie-break (ids are sorted)
         self.nprobe = int(self.cfg.nprobe or meta.get("nprobe") or 0) if meta["kind"] != "flat_l1" else 0
         self.scanner = ColumnScan(self.weighted, threads=self.cfg.threads)
+        self.weighted = self.scanner.cols64.T  # one float64 copy only: a row view of the columns
         # small per-row metadata stays in memory: results are assembled without touching the file
         self._meta_table = pq.read_table(parquet, columns=list(META_COLUMNS) + ["quality_flags"]).combine_chunks()
         labels = pc.unique(self._meta_table.column("label")).to_pylist()
