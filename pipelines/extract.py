@@ -39,6 +39,9 @@ from cogportrait.schema import CLIPS_SCHEMA, FRAMES_SCHEMA, REJECTS_SCHEMA, chec
 log = logging.getLogger("cogportrait.extract")
 
 LIGHT_CPUS = 0.05
+# One landmarker actor per worker (pool size = num_workers, so this never oversubscribes); a
+# fraction keeps CPUs free for the Parquet write while the pool is alive.
+ACTOR_CPUS = 0.5
 
 
 def probe_clip(row: dict) -> dict:
@@ -141,14 +144,14 @@ def run(cfg: ExtractConfig) -> dict:
         usable = [r for r in probed if not r["reason"]]
         if usable:
             ds = ray.data.from_items(usable, override_num_blocks=len(usable))
-            # 1:N clip -> frames; sequential decode + FaceLandmarker per frame    (actor per core, 1 CPU)
+            # 1:N clip -> frames; sequential decode + FaceLandmarker per frame    (one actor per worker)
             ds = ds.map_batches(
                 LandmarkClip,
                 fn_constructor_kwargs={"cfg": cfg},
                 batch_size=1,
                 batch_format="pyarrow",
                 compute=ActorPoolStrategy(size=min(n, len(usable))),
-                num_cpus=1,
+                num_cpus=ACTOR_CPUS,
             )
             ds.write_parquet(str(parts), schema=FRAMES_SCHEMA)
         # per-clip frame counts from the parts (two small columns only)

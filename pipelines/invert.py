@@ -64,6 +64,10 @@ from cogportrait.schema import CLIPS_SCHEMA, CONTROLS_SCHEMA, EVENTS_SCHEMA, N_C
 log = logging.getLogger("cogportrait.invert")
 
 LIGHT_CPUS = 0.25
+# The actor pool has exactly num_workers actors, so a fraction never oversubscribes the cores,
+# and it leaves CPUs free for the tasks downstream while the pool is still alive (a 1-CPU
+# cluster whose only CPU is held by an idle actor would hang the next step).
+ACTOR_CPUS = 0.5
 FRAME_COLUMNS = ["clip_id", "frame", "face_present", "landmarks", "transform", "au", "gaze", "head_pose", "width", "height"]
 
 
@@ -222,7 +226,7 @@ def run(cfg: InvertConfig, events_cfg: EventsConfig | None = None) -> dict:
     results = good.map(
         InvertClip,
         fn_constructor_kwargs={"model": model, "baselines": baselines, "loco": loco, "settings": settings, "events": events_cfg},
-        compute=ActorPoolStrategy(size=n), num_cpus=1,
+        compute=ActorPoolStrategy(size=n), num_cpus=ACTOR_CPUS,
     ).materialize()
 
     n_rows = 0

@@ -2,7 +2,8 @@
 
 The clip is the unit of work because VIDEO-mode tracking needs its frames in order. Frames where
 the face is lost are kept with ``face_present = False`` and null signals: row counts always
-equal the clip's frame count.
+equal the clip's frame count. ``face_score`` is 1 where the landmarker accepted a face (it passed
+``min_presence_confidence``; the Tasks API exposes no per-frame score) and 0 where it did not.
 """
 
 from __future__ import annotations
