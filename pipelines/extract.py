@@ -30,7 +30,7 @@ from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
 from cogportrait.config import ExtractConfig
 from cogportrait.face.au_backends import make_backend
-from cogportrait.face.extract import FRAMES_GLOB, ClipError, LandmarkerSettings, extract_clip
+from cogportrait.face.extract import FRAMES_GLOB, LandmarkerSettings, extract_clip
 from cogportrait.face.models import face_landmarker_path
 from cogportrait.io.atomic import AtomicParquetWriter, write_json, write_table
 from cogportrait.io.video import VideoError, probe_video
@@ -95,7 +95,7 @@ class LandmarkClip:
         for row in batch.to_pylist():
             try:
                 tables.append(extract_clip(row["abs_path"], row["clip_id"], bool(row["mirrored"]), self.backend, self.settings))
-            except ClipError as err:
+            except VideoError as err:
                 # the driver turns a clip without frames into a reject (decode_error / no_frames)
                 log.warning("clip %s: %s", row["clip_id"], err)
         return pa.concat_tables(tables)

@@ -59,7 +59,7 @@ from cogportrait.face.library import (
 from cogportrait.face.model import FIT_AUS, MOMENT_FIELDS, Baseline, ClipMoments, LinearFaceModel
 from cogportrait.face.extract import list_column
 from cogportrait.io.atomic import AtomicParquetWriter, atomic_dir, write_json, write_table
-from cogportrait.schema import CLIPS_SCHEMA, CONTROLS_SCHEMA, EVENTS_SCHEMA, N_CHANNELS, REJECTS_SCHEMA, check_reason
+from cogportrait.schema import CLIPS_SCHEMA, CONTROLS_SCHEMA, EVENTS_SCHEMA, REJECTS_SCHEMA, check_reason
 
 log = logging.getLogger("cogportrait.invert")
 
@@ -86,8 +86,7 @@ def prepare_step(row: dict, refine: str, rest: RestSettings) -> dict:
         "clip_id": row["clip_id"],
         "identity": row["identity"],
         "signals": pack_signals(sig),
-        "rest": pack_arrays({"canon": sig.canon[idx], "au": sig.au[idx], "gaze": sig.gaze[idx],
-                             "lid": sig.lid_matrix()[idx], "head_pose": sig.head_pose[idx]}),
+        "rest": pack_arrays(RestData.of(sig, idx).arrays()),
         "n_rest": len(idx),
         "moments": pack_arrays({f: np.asarray(getattr(mom, f)) for f in MOMENT_FIELDS}),
     }
@@ -190,15 +189,12 @@ def run(cfg: InvertConfig, events_cfg: EventsConfig | None = None) -> dict:
     n_clips = clips_ds.count()
     summary = clips_ds.select_columns(["clip_id", "identity", "rest", "n_rest", "moments"]).take_all()
 
-    by_identity: dict[str, list] = defaultdict(list)
+    by_identity: dict[str, list[RestData]] = defaultdict(list)
     for r in summary:
         if r["n_rest"]:
-            by_identity[r["identity"]].append(unpack_arrays(r["rest"]))
-    rest_data = {
-        ident: RestData(*(np.concatenate([p[k] for p in parts]) for k in ("canon", "au", "gaze", "head_pose")))
-        for ident, parts in by_identity.items()
-    }
-    first = {ident: _baseline(ident, parts) for ident, parts in by_identity.items()}
+            by_identity[r["identity"]].append(RestData(**unpack_arrays(r["rest"])))
+    rest_data = {ident: RestData.concat(parts) for ident, parts in by_identity.items()}
+    first = {ident: baseline_from_rest(ident, rest) for ident, rest in rest_data.items()}
     no_rest = sorted({r["clip_id"] for r in summary if r["identity"] not in first})
     good = clips_ds.filter(lambda r: r["identity"] in first) if no_rest else clips_ds
     identity_of = {r["clip_id"]: r["identity"] for r in summary}
@@ -264,18 +260,6 @@ def run(cfg: InvertConfig, events_cfg: EventsConfig | None = None) -> dict:
     if cfg.fail_on_gates and not all(g["passed"] for g in metrics["gates"].values()):
         raise RuntimeError(f"quality gates failed: {metrics['gates']}")
     return metrics
-
-
-def _baseline(identity: str, parts: list[dict[str, np.ndarray]]) -> Baseline:
-    from cogportrait.face.library import LID_KEYS, ClipSignals
-
-    sigs = []
-    for p in parts:
-        k = len(p["canon"])
-        sigs.append((ClipSignals("", identity, np.arange(k), np.ones(k, bool), p["canon"],
-                                 {key: p["lid"][:, i] for i, key in enumerate(LID_KEYS)}, p["au"], p["gaze"],
-                                 p["head_pose"], 1.0), np.arange(k)))
-    return baseline_from_rest(identity, sigs)
 
 
 def _sum(items) -> ClipStats:

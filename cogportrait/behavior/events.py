@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from cogportrait.config import EventsConfig
+from cogportrait.face.inversion import interpolate_gaps
 from cogportrait.schema import CHANNEL_INDEX, CLIP_FPS, EVENT_TYPES
 
 
@@ -57,15 +58,6 @@ def hysteresis(score: np.ndarray, on: float, off: float, min_len: int = 1) -> li
     return out
 
 
-def _interp(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    ok = np.isfinite(x)
-    if ok.all() or not ok.any():
-        return np.where(ok, x, 0.0)
-    idx = np.arange(len(x))
-    return np.interp(idx, idx[ok], x[ok])
-
-
 def closure_scores(aperture: np.ndarray, au45: np.ndarray, cfg: EventsConfig) -> np.ndarray:
     """Per-eye closure in [0, 1]: 1 − aperture / open level, helped by the rest-relative AU45."""
     ap = np.asarray(aperture, dtype=np.float64)
@@ -99,7 +91,7 @@ def eye_closures(aperture: np.ndarray, au45: np.ndarray, cfg: EventsConfig, fps:
     score below ``wink_other_max`` throughout); otherwise the closure counts for both eyes.
     """
     scores = np.stack([closure_scores(aperture[:, e], au45[:, e], cfg) for e in range(2)], axis=1)
-    filled = np.stack([_interp(scores[:, 0]), _interp(scores[:, 1])], axis=1)
+    filled = np.stack([interpolate_gaps(scores[:, 0]), interpolate_gaps(scores[:, 1])], axis=1)
     per_eye = [(s, e, side) for k, side in enumerate(("left", "right")) for s, e in hysteresis(filled[:, k], cfg.closure_on, cfg.closure_off)]
     events = []
     baseline = np.nanmedian(filled, axis=0) if len(filled) else np.zeros(2)
@@ -125,7 +117,7 @@ def excursions(
     signal: np.ndarray, on: float, off: float, min_len: int, kind: str, eyes: str = "", signed: bool = False
 ) -> list[Event]:
     """Intervals where a channel rises above its clip median by ``on`` (|deviation| if signed)."""
-    x = _interp(signal)
+    x = interpolate_gaps(signal)
     if len(x) == 0:
         return []
     dev = x - np.median(x)
@@ -151,7 +143,7 @@ def sided(left: np.ndarray, right: np.ndarray, on: float, off: float, min_len: i
 
 def gaze_events(gaze_hv: np.ndarray, closed: np.ndarray, cfg: EventsConfig, fps: int = CLIP_FPS) -> list[Event]:
     """Saccades (gaze speed above a clip-relative threshold) and the fixations between them."""
-    g = np.stack([_interp(gaze_hv[:, 0]), _interp(gaze_hv[:, 1])], axis=1)
+    g = np.stack([interpolate_gaps(gaze_hv[:, 0]), interpolate_gaps(gaze_hv[:, 1])], axis=1)
     t = len(g)
     if t < 2:
         return []

@@ -78,8 +78,7 @@ class PyFeatBackend:
         if not model_dir.is_dir():
             raise AUBackendError(f"py-feat model directory {model_dir} does not exist")
         try:
-            import feat  # noqa: F401  (optional dependency)
-            from feat import Detector
+            from feat import Detector  # optional dependency
         except ImportError as err:
             raise AUBackendError(
                 "the pyfeat AU backend needs py-feat installed (pip install py-feat); "

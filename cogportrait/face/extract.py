@@ -21,18 +21,10 @@ from cogportrait.face.au_backends import AUBackend, BlendshapeBackend
 from cogportrait.face.landmarker import VideoLandmarker
 from cogportrait.face.pose import head_pose_from_rotation, mirror_keypoint_groups, rotation_from_transform
 from cogportrait.face.proxies import mirror_blendshapes
+from cogportrait.io.video import VideoError
 from cogportrait.schema import CLIP_FPS, FRAMES_SCHEMA, KEYPOINT_INDICES, N_KEYPOINTS
 
 log = logging.getLogger("cogportrait.face.extract")
-
-
-class ClipError(Exception):
-    """A clip that yields no frames table; ``reason`` is one of schema.REJECT_REASONS."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -54,16 +46,16 @@ def iter_clip_frames(path: str | Path, fps: int = CLIP_FPS) -> Iterator[tuple[in
 
     path = Path(path)
     if not path.is_file():
-        raise ClipError("missing_file", f"no file at {path}")
+        raise VideoError("missing_file", f"no file at {path}")
     if path.stat().st_size == 0:
-        raise ClipError("empty_file", f"{path} has zero bytes")
+        raise VideoError("empty_file", f"{path} has zero bytes")
     try:
         reader = decord.VideoReader(str(path), num_threads=1)
     except (RuntimeError, DECORDError) as err:  # missing stream, broken container
-        raise ClipError("undecodable", f"{path.name}: {str(err).splitlines()[0][:200]}") from err
+        raise VideoError("undecodable", f"{path.name}: {str(err).splitlines()[0][:200]}") from err
     n_src = len(reader)
     if n_src == 0:
-        raise ClipError("no_frames", f"{path.name} decodes to zero frames")
+        raise VideoError("no_frames", f"{path.name} decodes to zero frames")
     src_fps = float(reader.get_avg_fps()) or float(fps)
     n_out = n_src if abs(src_fps - fps) < 1e-3 else max(1, int(math.floor(n_src * fps / src_fps + 1e-6)))
     wanted = (np.round(np.arange(n_out) * src_fps / fps).astype(np.int64)).clip(0, n_src - 1)
@@ -78,7 +70,7 @@ def iter_clip_frames(path: str | Path, fps: int = CLIP_FPS) -> Iterator[tuple[in
         except StopIteration:
             return
         except (RuntimeError, DECORDError) as err:
-            raise ClipError("decode_error", f"{path.name} frame {src_idx}: {str(err)[:200]}") from err
+            raise VideoError("decode_error", f"{path.name} frame {src_idx}: {str(err)[:200]}") from err
         yield out_idx, img
 
 
@@ -119,7 +111,7 @@ def extract_clip(
         if own:
             lm.close()
     if not frames:
-        raise ClipError("no_frames", f"{Path(path).name} decodes to zero frames")
+        raise VideoError("no_frames", f"{Path(path).name} decodes to zero frames")
     return build_frames_table(clip_id, frames, lms, bss, mats, width, height, mirrored, backend, images)
 
 

@@ -153,10 +153,14 @@ def solve_frames(
     return au, gz, err
 
 
-def _interp_nan(x: np.ndarray) -> np.ndarray:
+def interpolate_gaps(x: np.ndarray) -> np.ndarray:
+    """Fill NaN samples linearly from their neighbours (edges held); all-NaN becomes 0."""
+    x = np.asarray(x, dtype=np.float64)
     ok = np.isfinite(x)
-    if ok.all() or not ok.any():
-        return np.where(ok, x, 0.0) if not ok.any() else x
+    if ok.all():
+        return x
+    if not ok.any():
+        return np.zeros_like(x)
     idx = np.arange(len(x))
     return np.interp(idx, idx[ok], x[ok])
 
@@ -193,7 +197,7 @@ def au41_over_time(
     if settings.au41_gaze_regress and valid.sum() >= 5 and np.var(gd[valid]) > 1e-6:
         beta = max(0.0, float(np.cov(raw[valid], gd[valid])[0, 1] / np.var(gd[valid])))
         raw = raw - beta * gd
-    raw = _interp_nan(raw)
+    raw = interpolate_gaps(raw)
     dz = settings.au41_deadzone
     return np.clip((_smooth(raw, settings.au41_smooth_frames) - dz) / (1.0 - dz), 0.0, 1.0)
 

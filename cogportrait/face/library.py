@@ -111,25 +111,34 @@ def rest_frames(sig: ClipSignals, settings: RestSettings = RestSettings()) -> np
     return idx
 
 
-def baseline_from_rest(identity: str, parts: list[tuple[ClipSignals, np.ndarray]]) -> Baseline:
-    """Pool the rest frames of an identity's clips into one baseline."""
-    canon = np.concatenate([s.canon[i] for s, i in parts])
-    au = np.concatenate([s.au[i] for s, i in parts])
-    gz = np.concatenate([s.gaze[i] for s, i in parts])
-    lid = {k: np.concatenate([s.lid[k][i] for s, i in parts]) for k in LID_KEYS}
-    pose = np.concatenate([s.head_pose[i] for s, i in parts])
-    rest = np.ones(len(canon), dtype=bool)
-    return estimate_baseline(identity, canon, au, gz, lid, rest, pose)
-
-
 @dataclass
 class RestData:
-    """An identity's rest frames, kept to re-estimate its baseline under a fitted basis."""
+    """An identity's rest frames: its baseline is estimated, and re-estimated under a basis, from these."""
 
     canon: np.ndarray  # K x 62 x 3
-    au: np.ndarray
-    gaze: np.ndarray
-    head_pose: np.ndarray
+    au: np.ndarray  # K x 10
+    gaze: np.ndarray  # K x 2
+    head_pose: np.ndarray  # K x 3
+    lid: np.ndarray  # K x len(LID_KEYS)
+
+    FIELDS = ("canon", "au", "gaze", "head_pose", "lid")
+
+    @staticmethod
+    def of(sig: ClipSignals, idx: np.ndarray) -> RestData:
+        return RestData(sig.canon[idx], sig.au[idx], sig.gaze[idx], sig.head_pose[idx], sig.lid_matrix()[idx])
+
+    @staticmethod
+    def concat(parts: list[RestData]) -> RestData:
+        return RestData(*(np.concatenate([getattr(p, f) for p in parts]) for f in RestData.FIELDS))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f: getattr(self, f) for f in self.FIELDS}
+
+
+def baseline_from_rest(identity: str, rest: RestData) -> Baseline:
+    """The identity's baseline: robust (median) statistics of its pooled rest frames."""
+    lid = {k: rest.lid[:, i] for i, k in enumerate(LID_KEYS)}
+    return estimate_baseline(identity, rest.canon, rest.au, rest.gaze, lid, np.ones(len(rest.canon), dtype=bool), rest.head_pose)
 
 
 def refine_baseline(baseline: Baseline, rest: RestData, basis: np.ndarray) -> Baseline:
