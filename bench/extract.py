@@ -20,9 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -110,7 +108,7 @@ def bench_jobs(clips: Path, workers: list[int], work: Path) -> dict:
 def bench_core(clips: Path, work: Path) -> dict:
     """Per-core rates of the library code alone (one process, no Ray)."""
     from cogportrait.face.extract import extract_clip, read_frames
-    from cogportrait.face.library import invert_signals, prepare_clip, select_normalise_points
+    from cogportrait.face.library import invert_signals, prepare_frames
     from cogportrait.face.model import LinearFaceModel, load_baselines
 
     table = pq.read_table(clips)
@@ -131,10 +129,7 @@ def bench_core(clips: Path, work: Path) -> dict:
     t_prep = time.perf_counter()
     for cid in ident:
         part = all_frames.filter(pc.equal(all_frames.column("clip_id"), cid))
-        lm = np.asarray(part.column("landmarks").combine_chunks().flatten().to_numpy(zero_copy_only=False)).reshape(part.num_rows, -1)
-        pts = select_normalise_points(lm).reshape(part.num_rows, -1).astype(np.float32)
-        part = part.drop_columns(["landmarks"]).append_column("points", pa.FixedSizeListArray.from_arrays(pa.array(pts.ravel()), pts.shape[1]))
-        sigs.append(prepare_clip(part, ident[cid], False))
+        sigs.append(prepare_frames(part, ident[cid], False))
     prep_s = time.perf_counter() - t_prep
     n = sum(len(s.frame) for s in sigs)
     t = time.perf_counter()

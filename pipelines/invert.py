@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
@@ -41,23 +40,21 @@ from cogportrait.face.library import (
     RestData,
     RestSettings,
     baseline_from_rest,
-    refine_baseline,
     clip_moments,
     inverted_matrix,
     invert_signals,
     loco_bases,
     pack_arrays,
     pack_signals,
-    prepare_clip,
+    prepare_frames,
     proxy_matrix,
     r2_by_group,
+    refine_baseline,
     rest_frames,
-    select_normalise_points,
     unpack_arrays,
     unpack_signals,
 )
 from cogportrait.face.model import FIT_AUS, MOMENT_FIELDS, Baseline, ClipMoments, LinearFaceModel
-from cogportrait.face.extract import list_column
 from cogportrait.io.atomic import AtomicParquetWriter, atomic_dir, write_json, write_table
 from cogportrait.schema import CLIPS_SCHEMA, CONTROLS_SCHEMA, EVENTS_SCHEMA, REJECTS_SCHEMA, check_reason
 
@@ -74,12 +71,7 @@ FRAME_COLUMNS = ["clip_id", "frame", "face_present", "landmarks", "transform", "
 def prepare_step(row: dict, refine: str, rest: RestSettings) -> dict:
     """1:1 — one clip's frames -> packed signals, its rest frames and its raw moments."""
     table = pq.read_table(row["path"], columns=FRAME_COLUMNS, filters=[("clip_id", "==", row["clip_id"])])
-    lm = list_column(table, "landmarks", 478 * 3)
-    pts = select_normalise_points(lm).reshape(table.num_rows, -1).astype(np.float32)
-    present = table.column("face_present").combine_chunks()
-    points = pa.FixedSizeListArray.from_arrays(pa.array(pts.ravel()), pts.shape[1], mask=pc.invert(present))
-    table = table.drop_columns(["landmarks"]).append_column("points", points)
-    sig = prepare_clip(table, row["identity"], row["mirrored"], refine=refine)
+    sig = prepare_frames(table, row["identity"], row["mirrored"], refine=refine)
     idx = rest_frames(sig, rest)
     mom = clip_moments(sig)
     return {

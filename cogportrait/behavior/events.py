@@ -198,7 +198,9 @@ def detect_events(
     right_brow = (c[:, ch["AU1"]] + c[:, ch["AU2R"]]) / 2
     events += sided(left_brow, right_brow, cfg.brow_on, cfg.brow_off, m, "brow_raise")
     events += excursions((c[:, ch["AU4L"]] + c[:, ch["AU4R"]]) / 2, cfg.frown_on, cfg.frown_off, m, "frown")
-    events += excursions(c[:, ch["AU7"]], cfg.squint_on, cfg.squint_off, m, "squint", "both")
+    # lid tightening and droop are read outside closures (a blink moves the same lid points)
+    squint = np.where(closed, np.nan, c[:, ch["AU7"]])
+    events += excursions(squint, cfg.squint_on, cfg.squint_off, m, "squint", "both")
     droop = np.where(closed, np.nan, c[:, ch["AU41"]])
     events += [
         Event("lid_droop", e.start_frame, e.end_frame, e.apex_frame, "both", e.peak, e.peak)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cogportrait.face.extract import list_column
 from cogportrait.face.inversion import InversionSettings, invert_clip
@@ -92,6 +93,15 @@ def prepare_clip(table: pa.Table, identity: str, mirrored: bool, refine: str = "
         head_pose=pose,
         iod_px=iod,
     )
+
+
+def prepare_frames(table: pa.Table, identity: str, mirrored: bool, refine: str = "similarity") -> ClipSignals:
+    """prepare_clip on FRAMES_SCHEMA rows: keeps only the landmarks pose normalisation needs."""
+    lm = list_column(table, "landmarks", 478 * 3)
+    pts = select_normalise_points(lm).reshape(table.num_rows, -1).astype(np.float32)
+    present = table.column("face_present").combine_chunks()
+    points = pa.FixedSizeListArray.from_arrays(pa.array(pts.ravel()), pts.shape[1], mask=pc.invert(present))
+    return prepare_clip(table.drop_columns(["landmarks"]).append_column("points", points), identity, mirrored, refine)
 
 
 @dataclass(frozen=True)
