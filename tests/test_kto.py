@@ -125,7 +125,8 @@ def test_kto_job(ray_session, tmp_path):
     write_table(tmp_path / "curate" / "clips.parquet", clips, CLIPS_SCHEMA)
     write_table(tmp_path / "invert" / "controls.parquet", controls, CONTROLS_SCHEMA)
     metrics = run(KtoConfig(controls=str(tmp_path / "invert"), clips=str(tmp_path / "curate" / "clips.parquet"),
-                            out=str(tmp_path / "kto"), test_fraction=0.25))
+                            out=str(tmp_path / "kto"), test_fraction=0.25,
+                            frames=str(tmp_path / "extract" / "frames.parquet")))  # not the repo's data/extract
     table = pq.read_table(tmp_path / "kto" / "kto.parquet")
     assert table.schema == KTO_SCHEMA
     rows = table.to_pylist()
