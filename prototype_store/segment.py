@@ -19,9 +19,10 @@ import numpy as np
 
 from cogportrait.config import PrototypesConfig
 from cogportrait.schema import (
-    CLIP_FPS,
-    HEAD_CHANNELS,
     CHANNEL_INDEX,
+    CLIP_FPS,
+    CONTROL_CHANNELS,
+    HEAD_CHANNELS,
     N_CHANNELS,
     N_KEYPOINTS,
     PROTOTYPE_WINDOW_EVENT,
@@ -167,6 +168,8 @@ def segment_clip(clip: ClipSignals, cfg: PrototypesConfig, fps: int = CLIP_FPS) 
                 "face_coverage": coverage,
                 "mean_residual_error": mean_res,
                 "quality_flags": sorted(set(flags)),
+                **{f"mean_{name}": float(mean[j]) for j, name in enumerate(CONTROL_CHANNELS)},
+                **{f"peak_{name}": float(peak[j]) for j, name in enumerate(CONTROL_CHANNELS)},
             }
         )
     return rows, dropped

@@ -16,11 +16,16 @@ How a query stays exact (see ``retrieval.py`` for D):
   where H = sum h. Candidates come back in L order; after the re-rank by (D, L, id) the k-th result
   is certified when no unfetched row can beat it (every unfetched row has L >= L_last, hence
   D >= L_last - H). Otherwise the exact index fetches more (x4) and finally scans.
-* Filters. Metadata filters run in polars over the Parquet (predicate push-down) and give the
-  allowed row positions; FAISS searches only those (an ``IDSelectorBitmap``), and a small subset is
-  scanned directly in numpy. An IVF index is approximate: nprobe is tuned at build time to a
-  recall@5 target, the measured recall is stored in meta.json, and for a filtered subset nprobe
-  grows with 1 / selectivity.
+* Filters. Metadata filters run in polars over the Parquet (predicate push-down; the file is
+  sorted by label so other labels' row groups are skipped) and give the allowed row positions;
+  FAISS searches only those (an ``IDSelectorBitmap``), the scan reads only those.
+* Scan. ``search="auto"`` answers exactly with a column scan of the targeted features
+  (``scan.py``) up to ``exact_scan_max`` rows: for 1-4 targeted channels it is faster than any
+  full-vector index (bench/RESULTS.md). ``search="index"`` uses FAISS: the flat index is exact by
+  the certificate; IVF is approximate, nprobe tuned at build time to a recall@5 target (stored in
+  meta.json), and for a filtered subset nprobe grows with 1 / selectivity.
+* Staleness. meta.json holds the Parquet's content fingerprint and file stat; opening rehashes a
+  rewritten file and refuses an index built for other content.
 """
 
 from __future__ import annotations
@@ -124,7 +129,7 @@ def write_prototypes(path: str | os.PathLike, table: pa.Table, row_group_size: i
     The sort makes each label a contiguous run of row groups, so a label filter pushed down to
     Parquet skips the other labels' row groups by their min/max statistics; ids make it total.
     """
-    table = table.select(PROTOTYPES_SCHEMA.names).cast(PROTOTYPES_SCHEMA)
+    table = _with_flat_stats(table).select(PROTOTYPES_SCHEMA.names).cast(PROTOTYPES_SCHEMA)
     if table.num_rows:
         table = table.sort_by([("label", "ascending"), ("event_type", "ascending"), ("prototype_id", "ascending")])
     fingerprint = table_fingerprint([table], PROTOTYPES_SCHEMA.names)
@@ -134,6 +139,25 @@ def write_prototypes(path: str | os.PathLike, table: pa.Table, row_group_size: i
         with pq.ParquetWriter(tmp, schema=schema, compression="zstd") as writer:
             writer.write_table(table, row_group_size=row_group_size)
     return fingerprint
+
+
+def _with_flat_stats(table: pa.Table) -> pa.Table:
+    """(Re)derive the flat mean_<channel>/peak_<channel> columns from channel_mean/channel_max."""
+    n = table.num_rows
+    for stat, source in (("mean", "channel_mean"), ("peak", "channel_max")):
+        col = table.column(source).combine_chunks()
+        if n and col.null_count == 0:
+            values = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, N_CHANNELS)
+        else:
+            values = np.full((n, N_CHANNELS), np.nan, dtype=np.float32)
+        for j, name in enumerate(CONTROL_CHANNELS):
+            field_name = f"{stat}_{name}"
+            arr = pa.array(values[:, j], type=pa.float32())
+            if field_name in table.column_names:
+                table = table.set_column(table.column_names.index(field_name), field_name, arr)
+            else:
+                table = table.append_column(field_name, arr)
+    return table
 
 
 def _read_features(parquet: Path) -> np.ndarray:

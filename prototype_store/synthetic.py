@@ -149,7 +149,7 @@ def perturb_prototypes(
     recomputes mean and peak. Keypoints keep ``keypoint_frames`` frames (0 keeps the table small:
     index and query costs do not depend on them). Labels, event types and identities are inherited.
     """
-    from cogportrait.schema import HEAD_CHANNELS, PROTOTYPES_SCHEMA, make_id
+    from cogportrait.schema import CONTROL_CHANNELS, HEAD_CHANNELS, PROTOTYPES_SCHEMA, make_id
 
     rng = np.random.default_rng(seed)
     m = source.num_rows
@@ -212,4 +212,7 @@ def perturb_prototypes(
         "mean_residual_error": take("mean_residual_error"),
         "quality_flags": take("quality_flags"),
     }
-    return pa.table(cols).cast(PROTOTYPES_SCHEMA)
+    for stat, values in (("mean", mean), ("peak", peak)):
+        for j, name in enumerate(CONTROL_CHANNELS):
+            cols[f"{stat}_{name}"] = pa.array(values[:, j].astype(np.float32))
+    return pa.table(cols).select(PROTOTYPES_SCHEMA.names).cast(PROTOTYPES_SCHEMA)

@@ -85,6 +85,9 @@ def test_ray_job_matches_local_build(ray_session, synthetic_upstream, tmp_path):
     row = table.slice(0, 1).to_pylist()[0]
     ctrl = np.asarray(row["controls"])
     np.testing.assert_allclose(ctrl.mean(axis=0), row["channel_mean"], atol=1e-5)
+    # flat copies of the statistics for fast column filters
+    assert row["peak_AU45L"] == row["channel_max"][CHANNEL_INDEX["AU45L"]]
+    assert row["mean_pitch"] == row["channel_mean"][CHANNEL_INDEX["pitch"]]
     assert (tmp_path / "ray" / "prototypes_metrics.json").exists()
 
 
