@@ -26,6 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from tqdm import tqdm
 from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
 from cogportrait.config import ExtractConfig
@@ -170,7 +171,7 @@ def run(cfg: ExtractConfig) -> dict:
         kept_ids = [r["clip_id"] for r in rows if r["clip_id"] not in reasons]
         # publish: stream the parts into one frames.parquet (atomic), clip by clip
         with AtomicParquetWriter(out_dir / "frames.parquet", FRAMES_SCHEMA) as writer:
-            for f in part_files:
+            for f in tqdm(part_files, desc="frames.parquet", unit="part", disable=None):
                 pf = pq.ParquetFile(f)
                 for i in range(pf.num_row_groups):
                     writer.write_table(pf.read_row_group(i))

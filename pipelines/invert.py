@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from tqdm import tqdm
 from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
 from cogportrait.behavior.events import detect_events, event_rows
@@ -220,7 +221,8 @@ def run(cfg: InvertConfig, events_cfg: EventsConfig | None = None) -> dict:
     n_rows = 0
     with AtomicParquetWriter(out_dir / "controls.parquet", CONTROLS_SCHEMA) as writer:
         # 1:N clip -> one controls row per frame                                (light CPU)
-        for batch in results.flat_map(controls_rows, num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n)).iter_batches(batch_format="pyarrow", batch_size=4096):
+        rows = results.flat_map(controls_rows, num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n))
+        for batch in tqdm(rows.iter_batches(batch_format="pyarrow", batch_size=4096), desc="controls", unit="batch", disable=None):
             writer.write_table(batch)
         n_rows = writer.num_rows
     summaries = results.select_columns(["clip_id", "fit_corr", "loco_corr", "events", "err_sum", "err_n"]).take_all()
