@@ -285,6 +285,10 @@ class InvertConfig:
     blink_au45_delta: float = 0.25  # AU45 above rest by this much: a blink, AU41 not measured there
     au41_smooth_frames: int = 7  # ~300 ms at 25 fps
     au41_deadzone: float = 0.1  # lid drops below this share of the rest lid-iris gap are noise
+    # optional FLAME backend: a model converted by `cogportrait face convert-flame`; when set,
+    # expression + eye pose are also fitted per frame and written to flame_fits.parquet
+    flame_model: str = ""
+    flame_ridge: float = 1e-3
     # quality gates (recorded in metrics.json; the job fails only when fail_on_gates is true)
     gate_loco_r2_overall: float = 0.75
     gate_loco_r2_iris: float = 0.85
@@ -304,6 +308,9 @@ class InvertConfig:
         _check_range("blink_au45_delta", self.blink_au45_delta, 0.0, 1.0)
         _check_range("au41_smooth_frames", self.au41_smooth_frames, 1)
         _check_range("au41_deadzone", self.au41_deadzone, 0.0, 0.9)
+        _check_range("flame_ridge", self.flame_ridge, 0.0)
+        if self.flame_model and not Path(self.flame_model).is_file():
+            raise ConfigError(f"flame_model={self.flame_model!r}: no such file (convert yours with `cogportrait face convert-flame`)")
         _check_range("num_workers", self.num_workers, 1)
 
 

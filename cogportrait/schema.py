@@ -263,6 +263,16 @@ CONTROLS_SCHEMA = pa.schema(
     ]
 )
 
+FLAME_FITS_SCHEMA = pa.schema(
+    [
+        pa.field("clip_id", pa.string(), nullable=False),
+        pa.field("frame", pa.int32(), nullable=False),
+        pa.field("expression", _f32_list()),  # FLAME expression coefficients (null where no face)
+        pa.field("eye_pose", _f32_list(6)),  # left, right eye axis-angle (radians)
+        pa.field("residual", pa.float32()),  # mean keypoint distance, IOD units
+    ]
+)
+
 EVENT_TYPES: tuple[str, ...] = (
     "blink", "prolonged_closure", "wink", "brow_raise", "frown", "squint", "lid_droop",
     "saccade", "fixation", "head_nod", "head_turn", "head_tilt",
@@ -345,6 +355,7 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "frames": FRAMES_SCHEMA,
     "controls": CONTROLS_SCHEMA,
     "events": EVENTS_SCHEMA,
+    "flame_fits": FLAME_FITS_SCHEMA,
     "prototypes": PROTOTYPES_SCHEMA,
     "kto": KTO_SCHEMA,
 }

@@ -3,7 +3,8 @@
     clips ─prepare (1:1 clip → signals; reads its own frames)─▶ rest frames + moments ─▶ driver:
                                                                   baselines, ridge fit, LOCO
           ─invert (1:1, model held by the actor)─┬─ controls rows (1:N) ─▶ controls.parquet
-                                                 └─ events ─────────────▶ events.parquet
+                                                 ├─ events ─────────────▶ events.parquet
+                                                 └─ FLAME fits (optional, 1:N) ─▶ flame_fits.parquet
 
 extract writes each clip's frames contiguously (row groups never mix clips), so a clip's task
 reads just its own rows with a predicate on clip_id: no shuffle. A clip then travels as one row
@@ -33,6 +34,7 @@ from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 from cogportrait.behavior.events import detect_events, event_rows
 from cogportrait.config import EventsConfig, InvertConfig
 from cogportrait.face.extract import frames_files
+from cogportrait.face.flame import FlameFitter, FlameModel
 from cogportrait.face.inversion import InversionSettings
 from cogportrait.face.library import (
     PROXY_COMPARED,
@@ -57,7 +59,7 @@ from cogportrait.face.library import (
 )
 from cogportrait.face.model import FIT_AUS, MOMENT_FIELDS, Baseline, ClipMoments, LinearFaceModel
 from cogportrait.io.atomic import AtomicParquetWriter, atomic_dir, write_json, write_table
-from cogportrait.schema import CLIPS_SCHEMA, CONTROLS_SCHEMA, EVENTS_SCHEMA, REJECTS_SCHEMA, check_reason
+from cogportrait.schema import CLIPS_SCHEMA, CONTROLS_SCHEMA, EVENTS_SCHEMA, FLAME_FITS_SCHEMA, REJECTS_SCHEMA, check_reason
 
 log = logging.getLogger("cogportrait.invert")
 
@@ -93,8 +95,9 @@ class InvertClip:
     """1:1 — controls, residual error and events of one clip (model + baselines held once)."""
 
     def __init__(self, model: LinearFaceModel, baselines: dict[str, Baseline], loco: dict[str, tuple[np.ndarray, Baseline]],
-                 settings: InversionSettings, events: EventsConfig) -> None:
+                 settings: InversionSettings, events: EventsConfig, flame_model: str = "", flame_ridge: float = 1e-3) -> None:
         self.model, self.baselines, self.loco, self.settings, self.events = model, baselines, loco, settings, events
+        self.flame = FlameFitter(FlameModel.load(flame_model), ridge=flame_ridge) if flame_model else None
 
     def __call__(self, row: dict) -> dict:
         sig = _sig(row)
@@ -110,16 +113,44 @@ class InvertClip:
             loco_corr = CorrSums.of(np.full_like(prox, np.nan), prox)
         aperture = np.stack([sig.lid["aperture_left"], sig.lid["aperture_right"]], axis=1)
         events = event_rows(row["clip_id"], sig.frame, detect_events(controls, aperture, sig.present, self.events))
+        result = {"frame": sig.frame, "present": sig.present, "controls": controls.astype(np.float32), "err": err.astype(np.float32)}
+        if self.flame is not None:
+            result.update(_flame_arrays(self.flame, sig))
         return {
             "clip_id": row["clip_id"],
-            "result": pack_arrays({"frame": sig.frame, "present": sig.present, "controls": controls.astype(np.float32),
-                                   "err": err.astype(np.float32)}),
+            "result": pack_arrays(result),
             "fit_corr": fit_corr.as_array().ravel().tolist(),
             "loco_corr": loco_corr.as_array().ravel().tolist(),
             "events": events,
             "err_sum": float(np.nansum(err)),
             "err_n": int(np.isfinite(err).sum()),
         }
+
+
+def _flame_arrays(fitter: FlameFitter, sig) -> dict[str, np.ndarray]:
+    """FLAME expression + eye pose per frame (NaN where no face) on the canonical keypoints."""
+    t = len(sig.frame)
+    ok = sig.present & np.all(np.isfinite(sig.canon.reshape(t, -1)), axis=1)
+    expr = np.full((t, fitter.model.n_expr), np.nan, dtype=np.float32)
+    eye = np.full((t, 6), np.nan, dtype=np.float32)
+    res = np.full(t, np.nan, dtype=np.float32)
+    if ok.any():
+        fit = fitter.fit(sig.canon[ok])
+        expr[ok], eye[ok], res[ok] = fit.expr, fit.eye_pose.reshape(-1, 6), fit.residual
+    return {"flame_expr": expr, "flame_eye": eye, "flame_res": res}
+
+
+def flame_rows(row: dict) -> list[dict]:
+    """1:N — one clip's result -> FLAME_FITS_SCHEMA rows (face-lost frames: null fits)."""
+    a = unpack_arrays(row["result"])
+    out = []
+    for i, f in enumerate(a["frame"]):
+        ok = bool(np.isfinite(a["flame_res"][i]))
+        out.append({"clip_id": row["clip_id"], "frame": int(f),
+                    "expression": a["flame_expr"][i].tolist() if ok else None,
+                    "eye_pose": a["flame_eye"][i].tolist() if ok else None,
+                    "residual": float(a["flame_res"][i]) if ok else None})
+    return out
 
 
 def controls_rows(row: dict) -> list[dict]:
@@ -214,7 +245,8 @@ def run(cfg: InvertConfig, events_cfg: EventsConfig | None = None) -> dict:
     # 1:1 clip -> controls, residuals, events, correlation sums              (actor per core)
     results = good.map(
         InvertClip,
-        fn_constructor_kwargs={"model": model, "baselines": baselines, "loco": loco, "settings": settings, "events": events_cfg},
+        fn_constructor_kwargs={"model": model, "baselines": baselines, "loco": loco, "settings": settings, "events": events_cfg,
+                               "flame_model": cfg.flame_model, "flame_ridge": cfg.flame_ridge},
         compute=ActorPoolStrategy(size=n), num_cpus=ACTOR_CPUS,
     ).materialize()
 
@@ -225,6 +257,16 @@ def run(cfg: InvertConfig, events_cfg: EventsConfig | None = None) -> dict:
         for batch in tqdm(rows.iter_batches(batch_format="pyarrow", batch_size=4096), desc="controls", unit="batch", disable=None):
             writer.write_table(batch)
         n_rows = writer.num_rows
+    flame_path = out_dir / "flame_fits.parquet"
+    if cfg.flame_model:
+        with AtomicParquetWriter(flame_path, FLAME_FITS_SCHEMA) as writer:
+            # 1:N clip -> one FLAME fit row per frame                             (light CPU)
+            for batch in results.flat_map(flame_rows, num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n)).iter_batches(
+                batch_format="pyarrow", batch_size=4096
+            ):
+                writer.write_table(batch)
+    elif flame_path.exists():
+        flame_path.unlink()  # a fit from an earlier run with another model must not linger
     summaries = results.select_columns(["clip_id", "fit_corr", "loco_corr", "events", "err_sum", "err_n"]).take_all()
     event_list = [e for r in summaries for e in r["events"]]
     n_events = write_table(out_dir / "events.parquet", event_list, EVENTS_SCHEMA)
@@ -343,4 +385,4 @@ if __name__ == "__main__":
     raise SystemExit(main(["invert", *os.sys.argv[1:]]))
 
 
-__all__ = ["InvertClip", "controls_rows", "prepare_step", "run"]
+__all__ = ["InvertClip", "controls_rows", "flame_rows", "prepare_step", "run"]

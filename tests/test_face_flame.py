@@ -144,3 +144,37 @@ def test_restricted_unpickler_refuses_code(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
         read_flame_pickle(bad)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_sub_mesh_landmarks_equal_the_full_mesh(flame_files):
+    if not flame_files["out"].exists():
+        main(["face", "convert-flame", str(flame_files["pkl"]), str(flame_files["emb"]), str(flame_files["out"]), "--n-shape", str(N_SHAPE)])
+    model = FlameModel.load(flame_files["out"])
+    rng = np.random.default_rng(4)
+    expr, eye = rng.uniform(-1, 1, (3, N_EXPR)), rng.uniform(-0.3, 0.3, (3, 2, 3))
+    full = model.vertices(expr, eye)[:, model.faces[model.lmk_faces]]
+    assert np.allclose(model.landmarks(expr, eye), np.einsum("tkcx,kc->tkx", full, model.lmk_bary))
+
+
+@pytest.mark.slow
+def test_invert_writes_flame_fits(flame_files, edge_extracted, tmp_path):
+    """With invert.flame_model set, every frame gets a FLAME fit row (null where the face is lost)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from cogportrait.config import InvertConfig
+    from cogportrait.schema import FLAME_FITS_SCHEMA
+    from pipelines.invert import run
+
+    if not flame_files["out"].exists():
+        main(["face", "convert-flame", str(flame_files["pkl"]), str(flame_files["emb"]), str(flame_files["out"]), "--n-shape", str(N_SHAPE)])
+    run(InvertConfig(frames=str(edge_extracted), out=str(tmp_path), flame_model=str(flame_files["out"]), num_workers=2))
+    fits = pq.read_table(tmp_path / "flame_fits.parquet")
+    controls = pq.read_table(tmp_path / "controls.parquet")
+    assert fits.schema.equals(FLAME_FITS_SCHEMA) and fits.num_rows == controls.num_rows
+    loss = fits.filter(pc.equal(fits.column("clip_id"), "edge-face_loss")).sort_by("frame")
+    present = pq.read_table(tmp_path / "controls.parquet").filter(pc.equal(controls.column("clip_id"), "edge-face_loss")).sort_by("frame")
+    for fit, p in zip(loss.column("expression").to_pylist(), present.column("face_present").to_pylist()):
+        assert (fit is None) == (not p)
+        if fit is not None:
+            assert len(fit) == N_EXPR and np.isfinite(fit).all()

@@ -204,6 +204,18 @@ class FlameModel:
         self.lmk_bary = arrays["lmk_b_coords"][order]
         if not len(self.keypoint_rows):
             raise ValueError("the landmark embedding covers none of the 62 keypoints")
+        # landmarks need only the vertices of their faces and those the eye joints regress from:
+        # fitting works on that sub-mesh (a few hundred of FLAME's 5023 vertices)
+        corners = np.unique(self.faces[self.lmk_faces])
+        joint_src = np.flatnonzero(np.abs(self.j_regressor).sum(axis=0) > 0)
+        keep = np.union1d(corners, joint_src)
+        remap = -np.ones(v, dtype=np.int64)
+        remap[keep] = np.arange(len(keep))
+        self._sub = {
+            "v_template": self.v_template[keep], "exprdirs": self.exprdirs[keep],
+            "posedirs": self.posedirs[keep], "weights": self.weights[keep], "j_regressor": self.j_regressor[:, keep],
+            "corners": remap[self.faces[self.lmk_faces]],
+        }
 
     @staticmethod
     def load(path: str | Path) -> FlameModel:
@@ -216,30 +228,42 @@ class FlameModel:
 
     def vertices(self, expr: np.ndarray, eye_pose: np.ndarray, shape: np.ndarray | None = None) -> np.ndarray:
         """(T x V x 3) vertices; expr T x n_expr, eye_pose T x 2 x 3 axis-angle (global/neck/jaw at rest)."""
-        t = len(expr)
-        v = self.v_template[None] + np.einsum("vck,tk->tvc", self.exprdirs, expr)
-        if shape is not None:
-            v = v + np.einsum("vck,k->vc", self.shapedirs, shape)[None]
-        joints = np.einsum("jv,tvc->tjc", self.j_regressor, v)
-        rots = np.tile(np.eye(3), (t, N_JOINTS, 1, 1))
-        rots[:, EYE_JOINTS[0]] = _rodrigues(eye_pose[:, 0])
-        rots[:, EYE_JOINTS[1]] = _rodrigues(eye_pose[:, 1])
-        feat = (rots[:, 1:] - np.eye(3)).reshape(t, -1)
-        v = v + np.einsum("vck,tk->tvc", self.posedirs, feat)
-        # linear blend skinning with a kinematic tree whose only non-identity joints are the eyes
-        # (leaves of the tree): each eye vertex rotates about its eye joint
-        out = v.copy()
-        for j in EYE_JOINTS:
-            w = self.weights[:, j][None, :, None]
-            rotated = np.einsum("tij,tvj->tvi", rots[:, j], v - joints[:, j][:, None]) + joints[:, j][:, None]
-            out = out + w * (rotated - v)
-        return out
+        return _skin(self.v_template, self.exprdirs, self.shapedirs, self.posedirs, self.weights, self.j_regressor,
+                     expr, eye_pose, shape)
 
     def landmarks(self, expr: np.ndarray, eye_pose: np.ndarray, shape: np.ndarray | None = None) -> np.ndarray:
         """(T x K x 3) keypoints covered by the embedding, in ``keypoint_rows`` order."""
-        v = self.vertices(expr, eye_pose, shape)
-        tri = v[:, self.faces[self.lmk_faces]]  # T x K x 3 (corners) x 3
+        sub = self._sub
+        if shape is not None:  # identity shape: evaluate on the full mesh (rare; fitting keeps it at zero)
+            v = self.vertices(expr, eye_pose, shape)
+            tri = v[:, self.faces[self.lmk_faces]]
+        else:
+            v = _skin(sub["v_template"], sub["exprdirs"], None, sub["posedirs"], sub["weights"], sub["j_regressor"],
+                      expr, eye_pose, None)
+            tri = v[:, sub["corners"]]  # T x K x 3 (corners) x 3
         return np.einsum("tkcx,kc->tkx", tri, self.lmk_bary)
+
+
+def _skin(v_template, exprdirs, shapedirs, posedirs, weights, j_regressor, expr, eye_pose, shape) -> np.ndarray:
+    """FLAME vertices with global/neck/jaw at rest and the eyes rotated (linear blend skinning)."""
+    t = len(expr)
+    v = v_template[None] + np.einsum("vck,tk->tvc", exprdirs, expr)
+    if shape is not None:
+        v = v + np.einsum("vck,k->vc", shapedirs, shape)[None]
+    joints = np.einsum("jv,tvc->tjc", j_regressor, v)
+    rots = np.tile(np.eye(3), (t, N_JOINTS, 1, 1))
+    rots[:, EYE_JOINTS[0]] = _rodrigues(eye_pose[:, 0])
+    rots[:, EYE_JOINTS[1]] = _rodrigues(eye_pose[:, 1])
+    feat = (rots[:, 1:] - np.eye(3)).reshape(t, -1)
+    v = v + np.einsum("vck,tk->tvc", posedirs, feat)
+    # the eyes are leaves of the kinematic tree and every other joint is at rest, so skinning
+    # reduces to rotating each vertex's eye-weighted share about its eye joint
+    out = v.copy()
+    for j in EYE_JOINTS:
+        w = weights[:, j][None, :, None]
+        rotated = np.einsum("tij,tvj->tvi", rots[:, j], v - joints[:, j][:, None]) + joints[:, j][:, None]
+        out = out + w * (rotated - v)
+    return out
 
 
 @dataclass
