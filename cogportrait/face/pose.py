@@ -173,8 +173,6 @@ def canonical_clip(
     """
     t = landmarks_sel.shape[0]
     px = to_pixels(landmarks_sel, width, height)
-    kp_px, anchors_px = px[:, :62], px[:, 62:]
-    centre = anchors_px.mean(axis=1)
     flat = np.asarray(transforms, dtype=np.float64).reshape(t, 16).copy()
     flat[~present] = np.eye(4).ravel()  # placeholders: SVD of NaN fails; these rows end as NaN
     px[~present] = 0.0
