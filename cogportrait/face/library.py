@@ -166,20 +166,6 @@ def refine_baseline(baseline: Baseline, rest: RestData, basis: np.ndarray) -> Ba
     return replace(baseline, keypoints=baseline.keypoints + delta.reshape(baseline.keypoints.shape))
 
 
-def fit_rows(sig: ClipSignals, baseline: Baseline) -> tuple[np.ndarray, np.ndarray]:
-    """Design matrix X and residuals D of the clip's usable frames (face present, proxies finite)."""
-    t = len(sig.frame)
-    x = regressors(sig.au, sig.gaze, sig.head_pose, baseline)
-    d = sig.canon.reshape(t, N_DIMS) - baseline.keypoints.reshape(N_DIMS)
-    ok = sig.present & np.all(np.isfinite(x), axis=1) & np.all(np.isfinite(d), axis=1)
-    return x[ok], d[ok]
-
-
-def clip_stats(sig: ClipSignals, baseline: Baseline) -> ClipStats:
-    x, d = fit_rows(sig, baseline)
-    return ClipStats.of(x, d) if len(x) else ClipStats.zero()
-
-
 def clip_moments(sig: ClipSignals) -> ClipMoments:
     """Baseline-free moments of the clip's usable frames (face present, proxies finite)."""
     t = len(sig.frame)
@@ -261,18 +247,6 @@ def inverted_matrix(controls: np.ndarray) -> np.ndarray:
     h = c[:, CHANNEL_INDEX["gaze_left"]] - c[:, CHANNEL_INDEX["gaze_right"]]
     v = c[:, CHANNEL_INDEX["gaze_up"]] - c[:, CHANNEL_INDEX["gaze_down"]]
     return np.concatenate([c[:, list(FIT_AU_INDEX)], h[:, None], v[:, None]], axis=1)
-
-
-def correlations(inv: np.ndarray, prox: np.ndarray) -> dict[str, float]:
-    """Pearson r per compared channel over rows where both are finite."""
-    out = {}
-    for j, name in enumerate(PROXY_COMPARED):
-        ok = np.isfinite(inv[:, j]) & np.isfinite(prox[:, j])
-        if ok.sum() < 3 or np.std(inv[ok, j]) < 1e-9 or np.std(prox[ok, j]) < 1e-9:
-            out[name] = float("nan")
-        else:
-            out[name] = float(np.corrcoef(inv[ok, j], prox[ok, j])[0, 1])
-    return out
 
 
 assert N_CHANNELS == 17 and len(FIT_AUS) == 9
