@@ -144,11 +144,27 @@ def bench_core(clips: Path, work: Path) -> dict:
     }
 
 
+def _repeat_clips(clips: Path, k: int, folder: Path) -> Path:
+    """A clips table listing every clip k times under new ids (same files), for larger runs."""
+    from cogportrait.io.atomic import write_table
+    from cogportrait.schema import CLIPS_SCHEMA, make_id
+
+    table = pq.read_table(clips, schema=CLIPS_SCHEMA)
+    rows = []
+    for r in table.to_pylist():
+        for i in range(k):
+            rows.append(dict(r, clip_id=make_id("bench-copy", r["clip_id"], i),
+                             clip_path=os.path.relpath(clips.parent / r["clip_path"], folder), audio_path=None))
+    write_table(folder / "clips.parquet", rows, CLIPS_SCHEMA)
+    return folder / "clips.parquet"
+
+
 def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clips", help="clips.parquet (default: curate the sample dataset into a temp folder)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeat", type=int, default=1, help="list every clip this many times (new ids) to amortise fixed costs")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cogportrait-bench-") as tmp:
         work = Path(tmp)
@@ -161,11 +177,14 @@ def main() -> int:
             _ray_restart(2)
             run_curate(CurateConfig(manifest=str(REPO / "datasets/sample/manifest.csv"), out=str(work / "curate"), num_workers=2))
             clips = work / "curate" / "clips.parquet"
+        if args.repeat > 1:
+            clips = _repeat_clips(clips, args.repeat, work / "repeat")
         jobs = bench_jobs(clips, sorted(set(args.workers) | {1}), work)
         core = bench_core(clips, work)
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
                     "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version()},
+        "repeat": args.repeat,
         "ray_jobs": jobs,
         "single_core_library": core,
         "goals": {"extract_frames_per_s_per_core": 80, "invert_frames_per_s_per_core": 1000},

@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
@@ -174,7 +175,12 @@ def run(cfg: ExtractConfig) -> dict:
             for f in tqdm(part_files, desc="frames.parquet", unit="part", disable=None):
                 pf = pq.ParquetFile(f)
                 for i in range(pf.num_row_groups):
-                    writer.write_table(pf.read_row_group(i))
+                    # one row group per clip run: invert reads a clip by its clip_id statistics
+                    group = pf.read_row_group(i)
+                    ids = np.asarray(group.column("clip_id").to_pylist(), dtype=object)
+                    cuts = [0, *(np.flatnonzero(ids[1:] != ids[:-1]) + 1).tolist(), len(ids)]
+                    for a, b in zip(cuts[:-1], cuts[1:]):
+                        writer.write_table(group.slice(a, b - a))
         for old in out_dir.glob(FRAMES_GLOB):  # parts of an older layout would shadow nothing, but confuse
             old.unlink()
     finally:
