@@ -61,18 +61,27 @@ def small_candidates_library(sample_library, tmp_path_factory):
 
 
 def test_scan_with_many_ties_equals_brute_force(sample_library, tmp_path):
-    """Wide ranges put thousands of rows at distance 0: the midpoint L1 then decides, exactly."""
+    """Wide ranges put thousands of rows at distance 0 (the midpoint L1 then decides); plain and
+    pruned scans, with and without filters, all equal the brute force exactly."""
     src = pq.read_table(sample_library / "prototypes.parquet")
     write_prototypes(tmp_path / "prototypes.parquet", perturb_prototypes(src, 5000, seed=4))
     build_index(tmp_path, IndexConfig())
     store = PrototypeStore.open(tmp_path, search="scan")
     table = pq.read_table(tmp_path / "prototypes.parquet", columns=["prototype_id", "channel_mean", "channel_max"])
     fw = _fw(store)
-    for targets in ({"AU45L": [0.0, 1.0]}, {"AU1": [0.0, 1.0], "yaw": [-60, 60]}, {"gaze_left": [0, 1], "AU45": 0.2}):
-        got = store.query(targets, k=7, arrays=False)
-        pos, dist = _oracle(table, targets, fw, 7)
-        assert [m.prototype_id for m in got] == [table.column("prototype_id")[int(p)].as_py() for p in pos]
-        np.testing.assert_allclose([m.distance for m in got], dist, atol=1e-9)
+    wide = [{"AU45L": [0.0, 1.0]}, {"AU1": [0.0, 1.0], "yaw": [-60, 60]}, {"gaze_left": [0, 1], "AU45": 0.2}]
+    for prune_min_rows in (10**9, 0):  # the plain scan, and the partial-distance pruning of large scans
+        store.scanner.prune_min_rows = prune_min_rows
+        for i, targets in enumerate(wide + sample_queries(store.features, 60, seed=21)):
+            kwargs = {"label": store.labels[i % len(store.labels)]} if i % 4 == 3 else {}
+            got = store.query(targets, k=7, arrays=False, **kwargs)
+            keep = None
+            if kwargs:
+                labels = pq.read_table(tmp_path / "prototypes.parquet", columns=["label"]).column("label").to_pylist()
+                keep = np.asarray([lab == kwargs["label"] for lab in labels])
+            pos, dist = _oracle(table, targets, fw, 7, keep)
+            assert [m.prototype_id for m in got] == [table.column("prototype_id")[int(p)].as_py() for p in pos], targets
+            np.testing.assert_allclose([m.distance for m in got], dist, atol=1e-9)
 
 
 @pytest.mark.parametrize(
