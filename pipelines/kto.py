@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.data import DataContext
+from ray.data import DataContext, TaskPoolStrategy
 
 from cogportrait.config import KtoConfig
 from cogportrait.io.atomic import write_json, write_table
@@ -85,7 +85,7 @@ def run(cfg: KtoConfig) -> dict[str, Any]:
         rows_in = [{"clip_id": c, "meta": json.dumps(meta[c]) if c in meta else ""} for c in ids]
         ds = ray.data.from_items(rows_in, override_num_blocks=max(1, len(rows_in)))
         # 1:N clip -> boundary-case windows; Parquet reads + numpy rules         (light CPU)
-        ds = ds.flat_map(mine_step, fn_kwargs={"cfg": cfg}, num_cpus=LIGHT_CPUS, concurrency=cfg.num_workers)
+        ds = ds.flat_map(mine_step, fn_kwargs={"cfg": cfg}, num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=cfg.num_workers))
         samples = [json.loads(r["payload"]) for r in ds.iter_rows()]
     split = split_identities([s["identity"] for s in samples], cfg.test_fraction, cfg.seed)
     for s in samples:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.data import DataContext
+from ray.data import DataContext, TaskPoolStrategy
 
 from cogportrait.config import PrototypesConfig
 from cogportrait.io.atomic import write_json
@@ -32,7 +32,7 @@ from prototype_store.store import PARQUET_NAME, write_prototypes
 
 log = logging.getLogger("cogportrait.prototypes")
 
-LIGHT_CPUS = 0.25  # Parquet reads and numpy on one clip: light, bounded by `concurrency`
+LIGHT_CPUS = 0.25  # Parquet reads and numpy on one clip: light, bounded by the task pool size
 
 Row = dict[str, Any]
 
@@ -95,9 +95,9 @@ def run(cfg: PrototypesConfig) -> dict[str, Any]:
     if rows_in:
         ds = ray.data.from_items(rows_in, override_num_blocks=max(1, len(rows_in)))
         # 1:1 clip -> arrays; Parquet reads filtered on clip_id                 (light CPU)
-        ds = ds.map(load_step, fn_kwargs={"cfg": cfg}, num_cpus=LIGHT_CPUS, concurrency=n)
+        ds = ds.map(load_step, fn_kwargs={"cfg": cfg}, num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n))
         # 1:N clip -> prototypes + a tally row; numpy only                      (light CPU)
-        ds = ds.flat_map(segment_step, fn_kwargs={"cfg": cfg}, num_cpus=LIGHT_CPUS, concurrency=n)
+        ds = ds.flat_map(segment_step, fn_kwargs={"cfg": cfg}, num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n))
         for row in ds.iter_rows():
             payload = json.loads(row["payload"])
             if row["kind"] == "tally":
