@@ -230,6 +230,21 @@ def test_empty_library_is_an_error(tmp_path):
         PrototypeStore.open(tmp_path)
 
 
+def test_ivf_on_the_real_sample_library_within_measured_recall(sample_library, tmp_path):
+    shutil.copy(sample_library / "prototypes.parquet", tmp_path / "prototypes.parquet")
+    meta = build_index(tmp_path, IndexConfig(ivf_threshold=1, recall_queries=100))
+    assert meta["kind"] == "ivf_flat_l1" and meta["recall_at_5"] >= 0.95
+    store = PrototypeStore.open(tmp_path, search="index")
+    table = pq.read_table(tmp_path / "prototypes.parquet", columns=["prototype_id", "channel_mean", "channel_max"])
+    hits = total = 0
+    for targets in sample_queries(store.features, 100, seed=77):
+        got = store.query(targets, k=5, arrays=False)
+        _, dist = _oracle(table, targets, _fw(store), 5)
+        hits += sum(m.distance <= dist[-1] + 1e-9 for m in got)
+        total += 5
+    assert hits / total >= meta["recall_at_5"] - 0.05
+
+
 def test_ivf_within_measured_recall(sample_library, tmp_path):
     src = pq.read_table(sample_library / "prototypes.parquet")
     write_prototypes(tmp_path / "prototypes.parquet", perturb_prototypes(src, 6000, seed=2))
