@@ -36,8 +36,7 @@ import pyarrow.parquet as pq
 from cogportrait.config import IndexConfig, PrototypesConfig
 from prototype_store import PrototypeStore, build_index, write_prototypes
 from prototype_store.build import build_prototypes_local
-from prototype_store.retrieval import to_intervals, weighted_query
-from prototype_store.store import _exact_top, _recall, sample_queries
+from prototype_store.store import recall_at_k, sample_queries
 from prototype_store.synthetic import perturb_prototypes, write_synthetic_upstream
 
 log = logging.getLogger("cogportrait.bench")
@@ -100,7 +99,7 @@ def bench_size(n: int, source, work: Path, n_queries: int, recall_queries: int) 
 
     def recall(store: PrototypeStore, queries: list, truth: list) -> float:
         found = [np.array([m.distance for m in store.query(q, k=5, arrays=False)]) for q in queries]
-        return round(_recall([], truth, found), 4)
+        return round(recall_at_k(truth, found), 4)
 
     results: dict = {}
     # exact: flat L1 index on disk; queries answered by the exact column scan (search=scan), and

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+from tqdm import tqdm
 
 from cogportrait.config import PrototypesConfig
 from cogportrait.schema import PROTOTYPES_SCHEMA
@@ -20,7 +21,7 @@ def build_prototypes_local(cfg: PrototypesConfig) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     dropped: dict[str, int] = {}
     ids = clip_ids(cfg.controls)
-    for cid in ids:
+    for cid in tqdm(ids, desc="segment clips", unit="clip", disable=len(ids) < 50):
         clip_rows, d = segment_clip(load_clip(cfg.controls, cid, meta.get(cid), cfg.frames), cfg)
         rows.extend(clip_rows)
         for k, v in d.items():

@@ -293,7 +293,7 @@ def build_index(library: str | os.PathLike, cfg: IndexConfig) -> dict[str, Any]:
     return meta
 
 
-def _recall(found: Sequence[np.ndarray], truth_d: Sequence[np.ndarray], found_d: Sequence[np.ndarray]) -> float:
+def recall_at_k(truth_d: Sequence[np.ndarray], found_d: Sequence[np.ndarray]) -> float:
     """recall@k counting a result as right when its exact distance is within the true top-k's."""
     hits = total = 0
     for d_true, d_found in zip(truth_d, found_d):
@@ -319,7 +319,7 @@ def _tune_nprobe(
     nprobe = candidates[-1]
     for probe in candidates:
         found = [_ivf_search(index, geo, weighted, q, ids, 5, probe, cfg, None)[1] for q in queries]
-        recall = _recall([], truth, found)
+        recall = recall_at_k(truth, found)
         log.debug("nprobe %d: recall@5 %.4f", probe, recall)
         if recall >= cfg.recall_target or cfg.nprobe:
             nprobe = probe
