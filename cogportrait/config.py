@@ -294,10 +294,12 @@ class InvertConfig:
     gate_loco_r2_iris: float = 0.85
     gate_loco_corr: float = 0.85
     fail_on_gates: bool = False
+    clips_per_task: int = 16  # clips handled by one Ray task (a clip is ~10 ms of work)
     num_workers: int = 2
 
     def __post_init__(self) -> None:
         _check_range("ridge", self.ridge, 0.0)
+        _check_range("clips_per_task", self.clips_per_task, 1)
         _check_range("z_weight", self.z_weight, 0.0, 1.0)
         _check_choice("pose_refine", self.pose_refine, ("similarity", "rotation", "none"))
         _check_range("rest_quantile", self.rest_quantile, 0.01, 1.0)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
@@ -59,7 +60,15 @@ from cogportrait.face.library import (
 )
 from cogportrait.face.model import FIT_AUS, MOMENT_FIELDS, Baseline, ClipMoments, LinearFaceModel
 from cogportrait.io.atomic import AtomicParquetWriter, atomic_dir, write_json, write_table
-from cogportrait.schema import CLIPS_SCHEMA, CONTROLS_SCHEMA, EVENTS_SCHEMA, FLAME_FITS_SCHEMA, REJECTS_SCHEMA, check_reason
+from cogportrait.schema import (
+    CLIPS_SCHEMA,
+    CONTROLS_SCHEMA,
+    EVENTS_SCHEMA,
+    FLAME_FITS_SCHEMA,
+    N_CHANNELS,
+    REJECTS_SCHEMA,
+    check_reason,
+)
 
 log = logging.getLogger("cogportrait.invert")
 
@@ -73,7 +82,11 @@ FRAME_COLUMNS = ["clip_id", "frame", "face_present", "landmarks", "transform", "
 
 def prepare_step(row: dict, refine: str, rest: RestSettings) -> dict:
     """1:1 — one clip's frames -> packed signals, its rest frames and its raw moments."""
-    table = pq.read_table(row["path"], columns=FRAME_COLUMNS, filters=[("clip_id", "==", row["clip_id"])])
+    if row["row_groups"]:  # the clip's own row groups (extract writes one per clip)
+        table = pq.ParquetFile(row["path"]).read_row_groups(row["row_groups"], columns=FRAME_COLUMNS)
+        table = table.filter(pc.equal(table.column("clip_id"), row["clip_id"]))
+    else:
+        table = pq.read_table(row["path"], columns=FRAME_COLUMNS, filters=[("clip_id", "==", row["clip_id"])])
     sig = prepare_frames(table, row["identity"], row["mirrored"], refine=refine)
     idx = rest_frames(sig, rest)
     mom = clip_moments(sig)
@@ -153,18 +166,22 @@ def flame_rows(row: dict) -> list[dict]:
     return out
 
 
-def controls_rows(row: dict) -> list[dict]:
-    """1:N — one clip's result -> CONTROLS_SCHEMA rows (face-lost frames: null controls)."""
-    a = unpack_arrays(row["result"])
-    out = []
-    for i, f in enumerate(a["frame"]):
-        ok = bool(a["present"][i]) and np.isfinite(a["err"][i])
-        out.append({
-            "clip_id": row["clip_id"], "frame": int(f), "face_present": bool(a["present"][i]),
-            "controls": a["controls"][i].tolist() if ok else None,
-            "residual_error": float(a["err"][i]) if ok else None,
-        })
-    return out
+def controls_table(batch: pa.Table) -> pa.Table:
+    """1:N — clip results -> CONTROLS_SCHEMA rows, built column-wise (null where no face)."""
+    parts = []
+    for cid, blob in zip(batch.column("clip_id").to_pylist(), batch.column("result").to_pylist()):
+        a = unpack_arrays(blob)
+        t = len(a["frame"])
+        ok = a["present"].astype(bool) & np.isfinite(a["err"])
+        parts.append(pa.table({
+            "clip_id": pa.array([cid] * t, pa.string()),
+            "frame": pa.array(a["frame"].astype(np.int32)),
+            "face_present": pa.array(a["present"].astype(bool)),
+            "controls": pa.FixedSizeListArray.from_arrays(pa.array(a["controls"].astype(np.float32).ravel()), N_CHANNELS,
+                                                          mask=pa.array(~ok)),
+            "residual_error": pa.array(a["err"].astype(np.float32), mask=~ok),
+        }))
+    return pa.concat_tables(parts).cast(CONTROLS_SCHEMA) if parts else CONTROLS_SCHEMA.empty_table()
 
 
 def _clip_info(frames_dir: Path) -> tuple[dict[str, tuple[str, bool]], pa.Table | None]:
@@ -206,13 +223,17 @@ def run(cfg: InvertConfig, events_cfg: EventsConfig | None = None) -> dict:
     clip_rows = _clip_rows(files, clip_info)
     if not clip_rows:
         raise ValueError(f"no clip in {frames_dir}")
-    ds = ray.data.from_items(clip_rows, override_num_blocks=len(clip_rows))
+    marks = [("start", time.perf_counter())]
+    # a few clips per task: a clip is ~10 ms of work, a Ray task ~100 ms of overhead here
+    n_blocks = min(len(clip_rows), max(2 * n, -(-len(clip_rows) // cfg.clips_per_task)))
+    ds = ray.data.from_items(clip_rows, override_num_blocks=n_blocks)
     # 1:1 clip -> signals, rest frames, moments; reads the clip's rows, pose removal  (1 CPU)
     clips_ds = ds.map(prepare_step, fn_kwargs={"refine": cfg.pose_refine, "rest": rest}, num_cpus=1,
                       compute=TaskPoolStrategy(size=n)).materialize()
     n_clips = clips_ds.count()
     summary = clips_ds.select_columns(["clip_id", "identity", "rest", "n_rest", "moments"]).take_all()
 
+    marks.append(("prepare", time.perf_counter()))
     by_identity: dict[str, list[RestData]] = defaultdict(list)
     for r in summary:
         if r["n_rest"]:
@@ -242,6 +263,7 @@ def run(cfg: InvertConfig, events_cfg: EventsConfig | None = None) -> dict:
             loco[cid] = (basis, b)
             loco_stats[cid] = moments[cid].stats(b)
 
+    marks.append(("fit", time.perf_counter()))
     # 1:1 clip -> controls, residuals, events, correlation sums              (actor per core)
     results = good.map(
         InvertClip,
@@ -250,11 +272,14 @@ def run(cfg: InvertConfig, events_cfg: EventsConfig | None = None) -> dict:
         compute=ActorPoolStrategy(size=n), num_cpus=ACTOR_CPUS,
     ).materialize()
 
+    marks.append(("invert", time.perf_counter()))
     n_rows = 0
     with AtomicParquetWriter(out_dir / "controls.parquet", CONTROLS_SCHEMA) as writer:
-        # 1:N clip -> one controls row per frame                                (light CPU)
-        rows = results.flat_map(controls_rows, num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n))
-        for batch in tqdm(rows.iter_batches(batch_format="pyarrow", batch_size=4096), desc="controls", unit="batch", disable=None):
+        # 1:N clip -> its controls rows, column-wise                              (light CPU)
+        tables = results.select_columns(["clip_id", "result"]).map_batches(
+            controls_table, batch_format="pyarrow", num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n)
+        )
+        for batch in tqdm(tables.iter_batches(batch_format="pyarrow", batch_size=None), desc="controls", unit="batch", disable=None):
             writer.write_table(batch)
         n_rows = writer.num_rows
     flame_path = out_dir / "flame_fits.parquet"
@@ -279,12 +304,14 @@ def run(cfg: InvertConfig, events_cfg: EventsConfig | None = None) -> dict:
         reject_rows.append({"video_id": cid, "stage": "invert", "reason": "no_face", "detail": "no frame with a usable face"})
     write_table(out_dir / "rejects.parquet", reject_rows, REJECTS_SCHEMA)
 
+    marks.append(("write", time.perf_counter()))
     metrics = _metrics(cfg, stats, model, loco, loco_stats, summaries, baselines)
     wall = time.perf_counter() - t_start
     metrics.update({
         "clips": n_clips - len(no_rest), "rejects": len(no_rest), "frames": n_rows, "events": n_events,
         "events_by_type": dict(Counter(e["event_type"] for e in event_list)),
         "wall_seconds": round(wall, 3), "workers": n,
+        "step_seconds": {name: round(t - marks[i][1], 3) for i, (name, t) in enumerate(marks[1:])},
         "frames_per_second": round(n_rows / wall, 1) if wall > 0 else None,
         "frames_per_second_per_core": round(n_rows / wall / n, 1) if wall > 0 else None,
         "peak_rss_mb_driver": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -314,17 +341,35 @@ def _moments(a: dict[str, np.ndarray]) -> ClipMoments:
 
 
 def _clip_rows(files: list[Path], clip_info: dict[str, tuple[str, bool]]) -> list[dict]:
-    """One row per clip found in the frames files (identity/mirrored from extract's clips table)."""
-    rows = []
-    seen: set[str] = set()
+    """One row per clip in the frames files, with the row groups that hold only that clip.
+
+    Row groups come from the Parquet statistics of clip_id (min == max); a clip that shares a
+    row group with another (files not written by extract) is read with a filter instead.
+    """
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    mixed: set[tuple[str, str]] = set()
     for f in files:
-        ids = pq.read_table(f, columns=["clip_id"]).column("clip_id").unique().to_pylist()
-        for cid in ids:
-            if cid in seen:
+        meta = pq.ParquetFile(f).metadata
+        col = meta.schema.names.index("clip_id")
+        for i in range(meta.num_row_groups):
+            st = meta.row_group(i).column(col).statistics
+            if st is not None and st.has_min_max and st.min == st.max:
+                groups[(str(f), st.min)].append(i)
+            else:
+                for cid in pq.ParquetFile(f).read_row_group(i, columns=["clip_id"]).column("clip_id").unique().to_pylist():
+                    mixed.add((str(f), cid))
+    keys = list(dict.fromkeys([*groups, *sorted(mixed)]))
+    seen: dict[str, str] = {}
+    rows = []
+    for path, cid in keys:
+        if cid in seen:
+            if seen[cid] != path:
                 raise ValueError(f"clip {cid} appears in more than one frames file")
-            seen.add(cid)
-            identity, mirrored = clip_info.get(cid, (f"clip:{cid}", False))
-            rows.append({"clip_id": cid, "identity": identity, "mirrored": mirrored, "path": str(f)})
+            continue
+        seen[cid] = path
+        identity, mirrored = clip_info.get(cid, (f"clip:{cid}", False))
+        row_groups = [] if (path, cid) in mixed else groups[(path, cid)]
+        rows.append({"clip_id": cid, "identity": identity, "mirrored": mirrored, "path": path, "row_groups": row_groups})
     return rows
 
 
@@ -385,4 +430,4 @@ if __name__ == "__main__":
     raise SystemExit(main(["invert", *os.sys.argv[1:]]))
 
 
-__all__ = ["InvertClip", "controls_rows", "flame_rows", "prepare_step", "run"]
+__all__ = ["InvertClip", "controls_table", "flame_rows", "prepare_step", "run"]
