@@ -103,3 +103,31 @@ def group_photo_pan(image: Path, dst: Path, n_frames: int = 90, size: int = 640)
             x0 = int((w - side) * i / max(1, n_frames - 1))
             writer.write(cv2.resize(img[:side, x0 : x0 + side], (size, size), interpolation=cv2.INTER_AREA))
     return dst
+
+
+def rotated_variant(src: Path, dst: Path, degrees: int = 90) -> Path:
+    """A phone-style file: frames stored turned clockwise, display matrix says turn them back.
+
+    The frames are also cut to 4:3 so that swapped width and height are visible in the output.
+    """
+    import av
+    from fractions import Fraction
+
+    info = probe_video(src)
+    h = info.height * 3 // 4 // 2 * 2
+    top = (info.height - h) // 2
+    with av.open(str(dst), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(int(round(info.fps))))
+        stream.width, stream.height = (h, info.width) if degrees % 180 else (info.width, h)
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "16"}
+        stream.set_display_rotation(degrees)
+        for i, (_, rgb) in enumerate(iter_frames(src, info)):
+            stored = np.ascontiguousarray(np.rot90(rgb[top : top + h], -(degrees // 90)))
+            frame = av.VideoFrame.from_ndarray(stored, format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return dst

@@ -19,6 +19,7 @@ from media import (
     blur,
     darken,
     group_photo_pan,
+    rotated_variant,
     small_face_variant,
     subtitle,
     truncated_faststart,
@@ -57,6 +58,7 @@ def curate_run(tmp_path_factory, ray_session):
     write_variant(src, vids / "subtitled.mp4", subtitle)
     write_variant(src, vids / "frozen.mp4", None, freeze=True)
     small_face_variant(src, vids / "small_face.mp4")
+    rotated_variant(src, vids / "rotated.mp4")
     group_photo_pan(SAMPLE_VIDEOS.parent / "images" / "insightface_t1_group.jpg", vids / "group.mp4")
     broken = write_broken_files(vids, src)
     truncated_faststart(SAMPLE_VIDEOS / "lp_d10_woman_browraise_wink_audio.mp4", vids / "cut_off.mp4")
@@ -73,6 +75,7 @@ def curate_run(tmp_path_factory, ray_session):
         ["no_face", "videos/pyfeat_no_face_animation.mp4", "fixture", lic, "cartoon", "", ""],
         ["small_face", "videos/small_face.mp4", "variant", lic, "gaze", "man_d0", ""],
         ["group", "videos/group.mp4", "variant", lic, "group photo", "", ""],
+        ["rotated", "videos/rotated.mp4", "variant", lic, "gaze", "man_d0", ""],
         ["truncated", f"videos/{broken['truncated'].name}", "broken", lic, "", "", ""],
         ["zero_byte", f"videos/{broken['zero_byte'].name}", "broken", lic, "", "", ""],
         ["text_as_mp4", f"videos/{broken['text_as_mp4'].name}", "broken", lic, "", "", ""],
@@ -139,6 +142,21 @@ def test_filters_reject_each_variant_with_its_reason(curate_run):
         assert orig[score] is not None
 
 
+def test_display_rotation_is_applied(curate_run):
+    """A phone-style file (frames stored sideways + display matrix) is processed upright."""
+    rotated = curate_run["clips"].filter(pl.col("video_id") == "rotated")
+    assert rotated.height == 1
+    rec = rotated.row(0, named=True)
+    assert (rec["source_width"], rec["source_height"]) == (512, 384)
+    original = curate_run["clips"].filter(pl.col("video_id") == "original").row(0, named=True)
+    # same face, same place: the crop is centred where the original's is (vertically it is
+    # clamped by the 384 px frame height)
+    x0, _, x1, _ = rec["crop_box"]
+    ox0, _, ox1, _ = original["crop_box"]
+    assert abs((x0 + x1) / 2 - (ox0 + ox1) / 2) < 12
+    assert rec["n_frames"] == original["n_frames"]
+
+
 def test_face_tracking_rejects_no_small_and_multiple_faces(curate_run):
     for vid, reason in (("no_face", "no_face"), ("small_face", "small_face"), ("group", "multi_face")):
         assert _reasons(curate_run["rejects"], vid) == {reason}, vid
@@ -157,7 +175,7 @@ def test_bad_inputs_become_rejects_and_the_job_succeeds(curate_run):
     for vid, reason in expected.items():
         assert _reasons(rejects, vid) == {reason}, vid
     dup = rejects.filter(pl.col("reason") == "duplicate_id")
-    assert dup.height == 1 and dup["video_id"][0] == "original" and dup["manifest_row"][0] == 15
+    assert dup.height == 1 and dup["video_id"][0] == "original" and dup["manifest_row"][0] == 16
     # a file that opens and then breaks: the decodable part is processed, the rest is a reject
     cut = rejects.filter((pl.col("video_id") == "cut_off") & (pl.col("reason") == "decode_error"))
     assert cut.height == 1 and cut["start_s"][0] > 0

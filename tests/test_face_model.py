@@ -126,3 +126,21 @@ def test_round_trip_with_pixel_noise(real):
         else:
             assert mae[i] < RT_TOL_WEAK.get(name, RT_TOL), (name, mae[i])
     assert np.nanmean(err) < 0.02  # IOD units: 0.5 px noise at IOD ≈ 102 px is ~0.005 per coordinate
+
+
+@pytest.mark.slow
+def test_pi_with_the_average_identity(inverted_sample):
+    """Stage 1's use: Π for an unseen face with the averaged baseline keeps the eyes in the crop."""
+    from cogportrait.face.mapping import average_baseline, load_face_model
+
+    model, baselines = load_face_model(inverted_sample / "face_model")
+    base = average_baseline(baselines)
+    c = np.zeros((3, 17))
+    c[:, :10] = base.au
+    c[1, CHANNEL_INDEX["AU45L"]] = c[1, CHANNEL_INDEX["AU45R"]] = 0.9  # a blink closes the lids
+    c[2, CHANNEL_INDEX["yaw"]] = 20.0
+    kp = controls_to_keypoints(c, model, base)
+    assert (kp[..., :2] > 0).all() and (kp[..., :2] < 1).all()
+    lid = lid_features(canonical_keypoints(c, model, base))
+    assert lid["aperture_left"][1] < 0.5 * lid["aperture_left"][0]
+    assert kp[2, :16, 0].mean() > kp[0, :16, 0].mean()  # turned toward the subject's left: image right

@@ -99,7 +99,7 @@ def write_cropped_clip(
     n_out = len(out_times)
     # for each output time, the source frame shown at that moment (sample and hold)
     src_for_out = start + np.clip(np.searchsorted(times, out_times + 1e-6, side="right") - 1, 0, len(times) - 1)
-    planar = info.width % 2 == 0 and info.height % 2 == 0
+    planar = info.width % 2 == 0 and info.height % 2 == 0  # as displayed (iter_frames rotates)
     fmt = "yuv420p" if planar else "rgb24"
     written = 0
     with VideoWriter(out_path, fps=fps, size=size, preset=preset, crf=crf) as writer:

@@ -65,9 +65,12 @@ def _iter_with_times(path, info: VideoInfo, width: int, times: list[float]):
     """
     import av  # local: keeps the module importable for docs without FFmpeg
 
-    planar = info.width % 2 == 0 and info.height % 2 == 0
-    tw = min(width, info.width) // 2 * 2
-    th = max(2, int(round(info.height * tw / info.width / 2)) * 2)
+    from cogportrait.io.video import rotate_image
+
+    coded_w, coded_h = info.coded_size
+    planar = coded_w % 2 == 0 and coded_h % 2 == 0
+    tw = min(width, coded_w) // 2 * 2
+    th = max(2, int(round(coded_h * tw / coded_w / 2)) * 2)
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
@@ -79,11 +82,11 @@ def _iter_with_times(path, info: VideoInfo, width: int, times: list[float]):
                     continue
                 last_t = t
                 times.append(t - info.start_time_s)
-                if planar and frame.format.name in ("yuv420p", "yuvj420p") and (frame.width, frame.height) == (info.width, info.height):
-                    img = small_bgr_from_yuv420(frame.to_ndarray(format="yuv420p"), info.width, info.height, tw, th)
+                if planar and frame.format.name in ("yuv420p", "yuvj420p") and (frame.width, frame.height) == (coded_w, coded_h):
+                    img = small_bgr_from_yuv420(frame.to_ndarray(format="yuv420p"), coded_w, coded_h, tw, th)
                 else:
                     img = frame.to_ndarray(format="bgr24", width=tw, height=th)
-                yield len(times) - 1, img
+                yield len(times) - 1, rotate_image(img, info.quarter_turns)
     except av.FFmpegError as err:
         raise VideoError("decode_error", f"{os.path.basename(path)}: {err}") from err
 

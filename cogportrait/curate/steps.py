@@ -34,7 +34,7 @@ ROW_DEFAULTS: Row = {
     "video_id": "", "path": "", "source": "", "license": "", "label": "", "identity": "unknown",
     "mirrored": False, "manifest_row": -1,
     # probe
-    "fps": NAN, "width": -1, "height": -1, "codec": "", "start_time_s": 0.0, "has_audio_stream": False,
+    "fps": NAN, "width": -1, "height": -1, "codec": "", "start_time_s": 0.0, "rotation": 0, "has_audio_stream": False,
     "n_src_frames": -1, "duration_s": NAN,
     # span (source frames, end exclusive) and its frame timestamps (float64 bytes)
     "scene_index": -1, "start_frame": -1, "end_frame": -1, "start_s": NAN, "end_s": NAN, "times": b"",
@@ -72,7 +72,7 @@ def video_info(row: Row) -> VideoInfo:
     return VideoInfo(
         fps=row["fps"], width=row["width"], height=row["height"], n_frames=row["n_src_frames"],
         duration_s=row["duration_s"], has_audio=row["has_audio_stream"], codec=row["codec"],
-        start_time_s=row["start_time_s"],
+        start_time_s=row["start_time_s"], rotation=row["rotation"],
     )
 
 
@@ -104,7 +104,7 @@ def probe_step(row: Row, cfg: CurateConfig) -> Row:
     finally:
         row["t_probe"] = time.perf_counter() - t0
     row.update(
-        fps=info.fps, width=info.width, height=info.height, codec=info.codec, start_time_s=info.start_time_s,
+        fps=info.fps, width=info.width, height=info.height, codec=info.codec, start_time_s=info.start_time_s, rotation=info.rotation,
         has_audio_stream=info.has_audio, n_src_frames=info.n_frames, duration_s=info.duration_s,
     )
     if info.duration_s + 1e-6 < cfg.min_duration_s:

@@ -39,6 +39,37 @@ class VideoInfo:
     has_audio: bool
     codec: str
     start_time_s: float  # timestamp of the first frame
+    rotation: int = 0  # degrees counter-clockwise to display upright (phone videos); width/height are as displayed
+
+    @property
+    def quarter_turns(self) -> int:
+        return (self.rotation // 90) % 4
+
+    @property
+    def coded_size(self) -> tuple[int, int]:
+        """(width, height) of the frames as stored, before the display rotation."""
+        return (self.height, self.width) if self.quarter_turns % 2 else (self.width, self.height)
+
+
+def frame_rotation(frame: av.VideoFrame) -> int:
+    """The display rotation of a decoded frame, rounded to a multiple of 90 degrees."""
+    angle = getattr(frame, "rotation", 0) or 0
+    return int(round(angle / 90.0)) * 90 % 360
+
+
+def rotate_image(img: np.ndarray, quarter_turns: int) -> np.ndarray:
+    return np.ascontiguousarray(np.rot90(img, quarter_turns)) if quarter_turns else img
+
+
+def rotate_yuv420(yuv: np.ndarray, width: int, height: int, quarter_turns: int) -> np.ndarray:
+    """Rotate a planar 4:2:0 frame (coded width x height) by quarter turns counter-clockwise."""
+    if not quarter_turns:
+        return yuv
+    q = (height // 2) * (width // 2)
+    flat = yuv[height:].reshape(-1)
+    planes = (yuv[:height], flat[:q].reshape(height // 2, width // 2), flat[q : 2 * q].reshape(height // 2, width // 2))
+    out_w = height if quarter_turns % 2 else width
+    return np.concatenate([np.rot90(p, quarter_turns).reshape(-1) for p in planes]).reshape(-1, out_w)
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
@@ -68,15 +99,18 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
             else:
                 duration = (stream.frames or 0) / fps
             n_frames = stream.frames or int(round(duration * fps))
+            rotation = frame_rotation(first)
+            width, height = (first.height, first.width) if (rotation // 90) % 2 else (first.width, first.height)
             return VideoInfo(
                 fps=fps,
-                width=first.width,
-                height=first.height,
+                width=width,
+                height=height,
                 n_frames=int(n_frames),
                 duration_s=float(duration),
                 has_audio=bool(container.streams.audio),
                 codec=stream.codec_context.name,
                 start_time_s=start,
+                rotation=rotation,
             )
     except av.FFmpegError as err:
         raise VideoError("undecodable", f"{path.name}: {err}") from err
@@ -117,13 +151,17 @@ def iter_frames(
     ``times`` are the decoded timestamps of frames start_frame, start_frame + 1, ... (from a
     full pass, see the scenes step); with them indices are exact for variable frame rates.
     Seeks near ``start_frame`` first; ``width`` rescales inside FFmpeg (cheap) keeping aspect.
-    Only selected frames are converted to arrays. One decoder thread by default: a pipeline
-    runs one worker per core, and threads only add overhead there. Raises
-    VideoError('decode_error') when the stream breaks part-way.
+    Only selected frames are converted to arrays, upright (a display rotation is applied). One
+    decoder thread by default: a pipeline runs one worker per core, and threads only add
+    overhead there. Raises VideoError('decode_error') when the stream breaks part-way.
     """
+    turns = info.quarter_turns
+    coded_w, coded_h = info.coded_size
     height = None
     if width is not None and width < info.width:
         height = max(2, int(round(info.height * width / info.width / 2)) * 2)
+        if turns % 2:  # scale in the coded orientation, then rotate
+            width, height = height, width
     else:
         width = None
     last = -1
@@ -150,6 +188,8 @@ def iter_frames(
                     img = frame.to_ndarray(format=fmt, width=width, height=height)
                 else:
                     img = frame.to_ndarray(format=fmt)
+                if turns:
+                    img = rotate_yuv420(img, coded_w, coded_h, turns) if fmt == "yuv420p" else rotate_image(img, turns)
                 yield idx, img
     except av.FFmpegError as err:
         if end_frame is not None and last >= end_frame - 1:
