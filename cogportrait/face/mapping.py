@@ -9,11 +9,12 @@ the face at its place in the crop. Stage 1 calls ``controls_to_keypoints``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from cogportrait.face.inversion import AU41, AU45, lid_au45_gain
-from cogportrait.face.model import FIT_AU_INDEX, N_DIMS, Baseline, LinearFaceModel, pose_terms
+from cogportrait.face.model import FIT_AU_INDEX, N_DIMS, Baseline, LinearFaceModel, load_baselines, pose_terms
 from cogportrait.face.pose import from_pixels, rotation_from_head_pose
 from cogportrait.face.proxies import signed_gaze
 from cogportrait.schema import CHANNEL_INDEX, CLIP_SIZE, N_CHANNELS, N_KEYPOINTS
@@ -57,3 +58,19 @@ def controls_to_keypoints(
     c = np.asarray(controls, dtype=np.float64).reshape(-1, N_CHANNELS)
     canon = canonical_keypoints(c, model, baseline)
     return pose_and_project(canon, c[:, CHANNEL_INDEX["yaw"] :], placement)
+
+
+def load_face_model(folder: str | Path) -> tuple[LinearFaceModel, dict[str, Baseline]]:
+    """The invert job's ``face_model/`` folder: the basis and every identity's baseline."""
+    folder = Path(folder)
+    return LinearFaceModel.load(folder), load_baselines(folder / "baselines.npz")
+
+
+def average_baseline(baselines: dict[str, Baseline], name: str = "average") -> Baseline:
+    """A generic identity (mean of the fitted ones) for a reference face the library has not seen."""
+    if not baselines:
+        raise ValueError("no baseline to average")
+    items = list(baselines.values())
+    mean = lambda attr: np.mean([getattr(b, attr) for b in items], axis=0)  # noqa: E731
+    return Baseline(name, mean("keypoints"), mean("au"), mean("gaze"), mean("lid_above_iris"), mean("iris_radius"),
+                    mean("head_pose"), int(sum(b.n_rest_frames for b in items)))
