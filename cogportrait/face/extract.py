@@ -4,6 +4,9 @@ The clip is the unit of work because VIDEO-mode tracking needs its frames in ord
 the face is lost are kept with ``face_present = False`` and null signals: row counts always
 equal the clip's frame count. ``face_score`` is 1 where the landmarker accepted a face (it passed
 ``min_presence_confidence``; the Tasks API exposes no per-frame score) and 0 where it did not.
+For a mirrored source, keypoints, AU/gaze proxies and head pose follow the subject's own left
+(groups and L/R blendshapes swapped, yaw and roll negated: DESIGN.md); landmarks, blendshapes and
+transform stay as MediaPipe reported them, and invert un-mirrors those itself.
 """
 
 from __future__ import annotations
