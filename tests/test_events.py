@@ -118,3 +118,25 @@ def test_lp_d3_winks_and_closures(closures):
     for lo, hi in LP_D3_LONG_CLOSURES:
         [e] = _covering(ev, lo, hi)
         assert (e["event_type"], e["eyes"]) == ("prolonged_closure", "both")
+
+
+@pytest.fixture(scope="module")
+def all_events(inverted_sample, curated_sample):
+    from conftest import clip_ids_by_video
+
+    ids = clip_ids_by_video(curated_sample / "clips.parquet")
+    ev = pq.read_table(inverted_sample / "events.parquet").to_pylist()
+    return lambda video_id, kind: [e for e in ev if e["clip_id"] == ids[video_id][0] and e["event_type"] == kind]
+
+
+@pytest.mark.slow
+def test_brows_frowns_and_head_on_real_clips(all_events):
+    """lp_d10 raises both brows again and again; lp_d3 frowns with the head lowered at frames
+    ~110-140 and ~195-230 (looked at: frames 123, 200 and 210 show the frown and the lowered head)."""
+    raises = all_events("lp_d10", "brow_raise")
+    assert len(raises) >= 5 and sum(e["eyes"] == "both" for e in raises) >= 5
+    frowns = all_events("lp_d3", "frown")
+    for frame in (123, 210):
+        assert any(e["start_frame"] <= frame <= e["end_frame"] for e in frowns), frame
+    nods = all_events("lp_d3", "head_nod")
+    assert any(e["start_frame"] <= 200 <= e["end_frame"] and e["amplitude"] < 0 for e in nods)  # head lowered: pitch −
