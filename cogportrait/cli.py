@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from cogportrait.config import CurateConfig, from_mapping, load_params
@@ -36,14 +35,10 @@ def cmd_curate(args: argparse.Namespace) -> int:
     from pipelines.curate import run
 
     values = _section(args, "curate")
-    if args.manifest:
-        values["manifest"] = args.manifest
-    if args.out:
-        values["out"] = args.out
-    if args.workers:
-        values["num_workers"] = args.workers
-    cfg = from_mapping(CurateConfig, values, "curate")
-    counts = run(cfg)
+    for key, attr in (("manifest", "manifest"), ("out", "out"), ("num_workers", "workers")):
+        if getattr(args, attr, None):
+            values[key] = getattr(args, attr)
+    counts = run(from_mapping(CurateConfig, values, "curate"))
     print(json.dumps(counts, indent=2, sort_keys=True))
     return 0
 
@@ -126,11 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_library_commands(sub)
     return parser
-
-
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "curate": cmd_curate, "extract": cmd_extract, "invert": cmd_invert, "face convert-flame": cmd_face_convert_flame,
-}
 
 
 def main(argv: list[str] | None = None) -> int:
