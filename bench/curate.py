@@ -14,19 +14,15 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from common import PeakRss, machine_info  # noqa: E402
 
 
 def replicate_manifest(src_manifest: Path, dst_root: Path, replicas: int) -> Path:
@@ -51,38 +47,6 @@ def replicate_manifest(src_manifest: Path, dst_root: Path, replicas: int) -> Pat
         writer.writeheader()
         writer.writerows(out_rows)
     return manifest
-
-
-class PeakRss:
-    """Samples the RSS of this process and all its children (Ray workers) every 0.2 s."""
-
-    def __init__(self) -> None:
-        self.peak_total = 0
-        self.peak_process = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            procs = [me, *me.children(recursive=True)]
-            rss = []
-            for p in procs:
-                try:
-                    rss.append(p.memory_info().rss)
-                except psutil.Error:
-                    continue
-            self.peak_total = max(self.peak_total, sum(rss))
-            self.peak_process = max(self.peak_process, max(rss, default=0))
-            time.sleep(0.2)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def run_one(manifest: Path, workers: int, out: Path) -> dict:
@@ -111,8 +75,7 @@ def run_one(manifest: Path, workers: int, out: Path) -> dict:
         "frames_per_second": metrics["frames_per_second"],
         "frames_per_second_per_core": round(metrics["frames_per_second"] / workers, 1),
         "step_cpu_seconds": metrics["step_cpu_seconds"],
-        "peak_rss_mb_all_processes": round(rss.peak_total / 2**20, 1),
-        "peak_rss_mb_largest_process": round(rss.peak_process / 2**20, 1),
+        **rss.as_dict(),
     }
 
 
@@ -123,7 +86,6 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--skip-sample", action="store_true", help="only the replicated set")
     args = parser.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_curate_") as tmp:
         tmp_path = Path(tmp)
@@ -139,13 +101,7 @@ def main() -> None:
                 print(json.dumps(result), file=sys.stderr)
     report = {
         "benchmark": "curate",
-        "commit": commit,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-        },
+        "machine": machine_info(),
         "results": results,
     }
     print(json.dumps(report, indent=2))

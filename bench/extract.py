@@ -14,55 +14,16 @@ import argparse
 import json
 import logging
 import os
-import platform
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from common import PeakRss, machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("cogportrait.bench")
-
-
-class PeakRss:
-    """Samples the RSS of this process and all its descendants (Ray workers included)."""
-
-    def __init__(self, period_s: float = 0.25) -> None:
-        self.period_s = period_s
-        self.peak_total = 0
-        self.peak_single = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            procs = [me] + me.children(recursive=True)
-            rss = []
-            for p in procs:
-                try:
-                    rss.append(p.memory_info().rss)
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue  # a worker that exited between listing and reading
-            if rss:
-                self.peak_total = max(self.peak_total, sum(rss))
-                self.peak_single = max(self.peak_single, max(rss))
-            self._stop.wait(self.period_s)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def as_dict(self) -> dict:
-        return {"peak_rss_mb_all_processes": round(self.peak_total / 2**20, 1), "peak_rss_mb_largest_process": round(self.peak_single / 2**20, 1)}
 
 
 def _ray_restart(n: int) -> None:
@@ -182,8 +143,7 @@ def main() -> int:
         jobs = bench_jobs(clips, sorted(set(args.workers) | {1}), work)
         core = bench_core(clips, work)
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
-                    "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version()},
+        "machine": machine_info(),
         "repeat": args.repeat,
         "ray_jobs": jobs,
         "single_core_library": core,
