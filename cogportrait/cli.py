@@ -31,44 +31,44 @@ def _section(args: argparse.Namespace, name: str) -> dict:
     return {}
 
 
+def _config(args: argparse.Namespace, cls: type, section: str, flags: dict[str, str]):
+    """A stage's config: its params.yaml section, overridden by the command-line flags given.
+
+    ``flags`` maps config keys to argparse attribute names.
+    """
+    values = _section(args, section)
+    for key, attr in flags.items():
+        if getattr(args, attr, None):
+            values[key] = getattr(args, attr)
+    return from_mapping(cls, values, section)
+
+
+def _print_json(obj: dict) -> int:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+    return 0
+
+
 def cmd_curate(args: argparse.Namespace) -> int:
     from pipelines.curate import run
 
-    values = _section(args, "curate")
-    for key, attr in (("manifest", "manifest"), ("out", "out"), ("num_workers", "workers")):
-        if getattr(args, attr, None):
-            values[key] = getattr(args, attr)
-    counts = run(from_mapping(CurateConfig, values, "curate"))
-    print(json.dumps(counts, indent=2, sort_keys=True))
-    return 0
+    flags = {"manifest": "manifest", "out": "out", "num_workers": "workers"}
+    return _print_json(run(_config(args, CurateConfig, "curate", flags)))
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from cogportrait.config import ExtractConfig
     from pipelines.extract import run
 
-    values = _section(args, "extract")
-    for key, attr in (("clips", "clips"), ("out", "out"), ("num_workers", "workers"), ("au_backend", "au_backend")):
-        if getattr(args, attr, None):
-            values[key] = getattr(args, attr)
-    counts = run(from_mapping(ExtractConfig, values, "extract"))
-    print(json.dumps(counts, indent=2, sort_keys=True))
-    return 0
+    flags = {"clips": "clips", "out": "out", "num_workers": "workers", "au_backend": "au_backend"}
+    return _print_json(run(_config(args, ExtractConfig, "extract", flags)))
 
 
 def cmd_invert(args: argparse.Namespace) -> int:
     from cogportrait.config import EventsConfig, InvertConfig
     from pipelines.invert import run
 
-    values = _section(args, "invert")
-    for key, attr in (("frames", "frames"), ("out", "out"), ("num_workers", "workers")):
-        if getattr(args, attr, None):
-            values[key] = getattr(args, attr)
-    cfg = from_mapping(InvertConfig, values, "invert")
-    events = from_mapping(EventsConfig, _section(args, "events"), "events")
-    metrics = run(cfg, events)
-    print(json.dumps(metrics, indent=2, sort_keys=True))
-    return 0
+    cfg = _config(args, InvertConfig, "invert", {"frames": "frames", "out": "out", "num_workers": "workers"})
+    return _print_json(run(cfg, _config(args, EventsConfig, "events", {})))
 
 
 def cmd_face_convert_flame(args: argparse.Namespace) -> int:
