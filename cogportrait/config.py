@@ -15,7 +15,7 @@ import yaml
 T = TypeVar("T")
 
 SCENE_DETECTORS = ("adaptive", "content")
-SEARCH_MODES = ("auto", "scan", "index")  # see prototype_store/store.py
+SEARCH_MODES = ("auto", "walk", "scan", "index")  # see prototype_store/store.py
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium")
 
 
@@ -149,8 +149,10 @@ class IndexConfig:
     recall_target: float = 0.95  # recall@5 the nprobe tuning aims for (measured, stored)
     overfetch: int = 20  # IVF candidates per result before the exact re-rank
     min_candidates: int = 100
-    search: str = "auto"  # auto: exact column scan up to exact_scan_max rows, else the FAISS index
-    exact_scan_max: int = 2_000_000  # (filtered) row counts up to this are scanned exactly (bench/RESULTS.md)
+    search: str = "auto"  # auto: exact sorted walk / column scan up to exact_scan_max rows, else the FAISS index
+    exact_scan_max: int = 2_000_000  # (filtered) row counts up to this are answered exactly (bench/RESULTS.md)
+    walk_min_rows: int = 50_000  # auto: libraries this large sort their features at open and walk them
+    walk_max_fraction: float = 0.2  # the walk hands over to the scan when its window exceeds this share of rows
     threads: int = 2  # threads of the column scan
     train_size: int = 65_536  # vectors sampled to train IVF centroids
     recall_queries: int = 200  # random queries used to measure IVF recall@5
@@ -173,6 +175,8 @@ class IndexConfig:
         _check_range("overfetch", self.overfetch, 1)
         _check_range("min_candidates", self.min_candidates, 1)
         _check_range("exact_scan_max", self.exact_scan_max, 0)
+        _check_range("walk_min_rows", self.walk_min_rows, 0)
+        _check_range("walk_max_fraction", self.walk_max_fraction, 0.0, 1.0)
         _check_choice("search", self.search, SEARCH_MODES)
         _check_range("threads", self.threads, 1)
         _check_range("train_size", self.train_size, 256)

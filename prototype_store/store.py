@@ -19,11 +19,15 @@ How a query stays exact (see ``retrieval.py`` for D):
 * Filters. Metadata filters run in polars over the Parquet (predicate push-down; the file is
   sorted by label so other labels' row groups are skipped) and give the allowed row positions;
   FAISS searches only those (an ``IDSelectorBitmap``), the scan reads only those.
-* Scan. ``search="auto"`` answers exactly with a column scan of the targeted features
-  (``scan.py``) up to ``exact_scan_max`` rows: for 1-4 targeted channels it is faster than any
-  full-vector index (bench/RESULTS.md). ``search="index"`` uses FAISS: the flat index is exact by
-  the certificate; IVF is approximate, nprobe tuned at build time to a recall@5 target (stored in
-  meta.json), and for a filtered subset nprobe grows with 1 / selectivity.
+* Walk and scan. ``search="auto"`` answers exactly up to ``exact_scan_max`` rows: from
+  ``walk_min_rows`` rows by walking per-feature sorted orders (``walk.py``: a seed bounds the k-th
+  result, the smallest sorted window of a targeted feature holds every row that can beat it,
+  windows are intersected and pruned; bit-identical to the scan), handing dense targets and
+  selective filters to a column scan of the targeted features (``scan.py``), which also answers
+  smaller libraries: for 1-4 targeted channels both beat any full-vector index (bench/RESULTS.md).
+  ``search="walk"`` / ``"scan"`` force one of them. ``search="index"`` uses FAISS: the flat index
+  is exact by the certificate; IVF is approximate, nprobe tuned at build time to a recall@5 target
+  (stored in meta.json), and for a filtered subset nprobe grows with 1 / selectivity.
 * Staleness. meta.json holds the Parquet's content fingerprint and file stat; opening rehashes a
   rewritten file and refuses an index built for other content.
 """
@@ -58,6 +62,7 @@ from cogportrait.schema import (
     PROTOTYPES_SCHEMA,
 )
 from prototype_store.scan import ColumnScan
+from prototype_store.walk import SortedFeatures
 from prototype_store.fingerprint import (
     FINGERPRINT_KEY,
     cached_fingerprint,
@@ -480,6 +485,10 @@ class PrototypeStore:
         labels = pc.unique(self._meta_table.column("label")).to_pylist()
         self.labels: list[str] = sorted(x for x in labels if x is not None)
         self._filter_cache: dict[tuple, np.ndarray | None] = {}
+        self._mask_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._walker: SortedFeatures | None = None
+        if self.cfg.search == "walk" or (self.cfg.search == "auto" and self.n >= self.cfg.walk_min_rows):
+            self.walker()  # sort once at open, so no query pays for it
         self._row_groups = np.cumsum([0] + [pq.ParquetFile(parquet).metadata.row_group(i).num_rows for i in range(pq.ParquetFile(parquet).num_row_groups)])
 
     # -- opening ----------------------------------------------------------------------------------
@@ -488,13 +497,14 @@ class PrototypeStore:
         """Open LIB (folder or its prototypes.parquet); refuses empty libraries and stale indexes.
 
         ``overrides`` replace query-time settings of the index config (search, exact_scan_max,
-        threads, nprobe, overfetch, min_candidates), e.g. for benchmarks. ``verify="full"``
+        threads, nprobe, overfetch, min_candidates, walk_min_rows, walk_max_fraction), e.g. for
+        benchmarks. ``verify="full"``
         rehashes the Parquet even when its size, mtime and inode are those recorded at indexing.
         """
         verify = overrides.pop("verify", "auto")
         if verify not in ("auto", "full"):
             raise ValueError(f"verify={verify!r}; choose auto (rehash only a rewritten file) or full")
-        allowed = {"search", "exact_scan_max", "threads", "nprobe", "overfetch", "min_candidates"}
+        allowed = {"search", "exact_scan_max", "threads", "nprobe", "overfetch", "min_candidates", "walk_min_rows", "walk_max_fraction"}
         if set(overrides) - allowed:
             raise TypeError(f"cannot override {sorted(set(overrides) - allowed)}; allowed: {sorted(allowed)}")
         parquet, index_dir = library_paths(path)
@@ -593,14 +603,24 @@ class PrototypeStore:
     def search(self, q: WeightedQuery, k: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Positions and exact distances of the top k among ``rows`` (None = all).
 
-        ``search`` = scan: exact column scan; index: the FAISS index (flat: exact by certificate;
-        IVF: approximate, within its measured recall); auto: scan up to exact_scan_max rows.
+        ``search`` = walk: exact walk of per-feature sorted orders (``walk.py``), handing dense
+        targets over to the scan; scan: exact column scan; index: the FAISS index (flat: exact by
+        certificate; IVF: approximate, within its measured recall); auto: the walk from
+        walk_min_rows rows (unless a filter keeps < 1/8 of them), the scan below, both up to
+        exact_scan_max rows, the index above.
         """
         n_sub = self.n if rows is None else len(rows)
         if n_sub == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0)
         k = min(k, n_sub)
         mode = self.cfg.search
+        if mode == "walk" or (mode == "auto" and self.cfg.walk_min_rows <= n_sub <= self.cfg.exact_scan_max
+                              and 8 * n_sub >= self.n):
+            # exact; a selective filter (< 1/8 of the rows) leaves few rows: the scan is cheap there
+            found = self.walker().topk(q, k, self.ids, self._row_mask(rows), n_sub)
+            if found is not None:
+                return found
+            return self.scanner.topk(q, k, self.ids, rows)
         if mode == "scan" or (mode == "auto" and n_sub <= self.cfg.exact_scan_max):
             return self.scanner.topk(q, k, self.ids, rows)
         sel, keep = self._selector(rows)
@@ -612,6 +632,28 @@ class PrototypeStore:
         pos, dist = _ivf_search(self.index, self.geo, self.weighted, q, self.ids, k, probe, self.cfg, sel)
         del keep
         return pos, dist
+
+    def walker(self) -> SortedFeatures:
+        """The per-feature sort orders (``walk.py``), built on first use (at open for large libraries)."""
+        if self._walker is None:
+            self._walker = SortedFeatures(
+                self.scanner.cols64, self.scanner.cols32, max_fraction=self.cfg.walk_max_fraction, threads=self.cfg.threads
+            )
+        return self._walker
+
+    def _row_mask(self, rows: np.ndarray | None) -> np.ndarray | None:
+        """Boolean row mask of a filter's positions, cached per (cached) positions array."""
+        if rows is None:
+            return None
+        hit = self._mask_cache.get(id(rows))
+        if hit is not None and hit[0] is rows:
+            return hit[1]
+        mask = np.zeros(self.n, dtype=bool)
+        mask[rows] = True
+        if len(self._mask_cache) >= 64:
+            self._mask_cache.pop(next(iter(self._mask_cache)))
+        self._mask_cache[id(rows)] = (rows, mask)
+        return mask
 
     def close(self) -> None:
         """Stop the scan threads (also done at interpreter exit)."""

@@ -62,7 +62,7 @@ def small_candidates_library(sample_library, tmp_path_factory):
 
 def test_scan_with_many_ties_equals_brute_force(sample_library, tmp_path):
     """Wide ranges put thousands of rows at distance 0 (the midpoint L1 then decides); plain and
-    pruned scans, with and without filters, all equal the brute force exactly."""
+    pruned scans and the sorted walk, with and without filters, all equal the brute force exactly."""
     src = pq.read_table(sample_library / "prototypes.parquet")
     write_prototypes(tmp_path / "prototypes.parquet", perturb_prototypes(src, 5000, seed=4))
     build_index(tmp_path, IndexConfig())
@@ -70,8 +70,11 @@ def test_scan_with_many_ties_equals_brute_force(sample_library, tmp_path):
     table = pq.read_table(tmp_path / "prototypes.parquet", columns=["prototype_id", "channel_mean", "channel_max"])
     fw = _fw(store)
     wide = [{"AU45L": [0.0, 1.0]}, {"AU1": [0.0, 1.0], "yaw": [-60, 60]}, {"gaze_left": [0, 1], "AU45": 0.2}]
-    for prune_min_rows in (10**9, 0):  # the plain scan, and the partial-distance pruning of large scans
-        store.scanner.prune_min_rows = prune_min_rows
+    walk = PrototypeStore.open(tmp_path, search="walk", walk_max_fraction=1.0)  # the walk, never the scan
+    for prune_min_rows in (10**9, 0, -1):  # plain scan, pruned scan (large scans), the sorted walk
+        store.scanner.prune_min_rows = max(prune_min_rows, 0)
+        if prune_min_rows == -1:
+            store = walk
         for i, targets in enumerate(wide + sample_queries(store.features, 60, seed=21)):
             kwargs = {"label": store.labels[i % len(store.labels)]} if i % 4 == 3 else {}
             got = store.query(targets, k=7, arrays=False, **kwargs)
@@ -86,10 +89,12 @@ def test_scan_with_many_ties_equals_brute_force(sample_library, tmp_path):
 
 @pytest.mark.parametrize(
     "lib_fixture, search",
-    [("sample_library", "scan"), ("sample_library", "index"), ("small_candidates_library", "index")],
+    [("sample_library", "scan"), ("sample_library", "walk"), ("sample_library", "index"),
+     ("small_candidates_library", "index")],
 )
 def test_exact_index_equals_brute_force(lib_fixture, search, request):
-    """Both exact paths (column scan; FAISS flat L1 + certificate, fetching in rounds) equal Eq. 3."""
+    """Every exact path (column scan; sorted walk; FAISS flat L1 + certificate, fetching in rounds)
+    equals Eq. 3."""
     lib = request.getfixturevalue(lib_fixture)
     store = PrototypeStore.open(lib, search=search)
     assert store.meta["kind"] == "flat_l1"
@@ -310,3 +315,111 @@ def test_cli_query_json_stats_show(sample_library, tmp_path, capsys):
     png = tmp_path / "p.png"
     assert main(["library", "show", str(sample_library), results[0]["prototype_id"], "--plot", str(png)]) == 0
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def _sequential_oracle(weighted: np.ndarray, q, k: int, keep: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Eq. 3 in float64 feature by feature, ordered by (D, midpoint L1, position) rounded to 1e-9."""
+    d = np.zeros(len(weighted))
+    l1 = np.zeros(len(weighted))
+    for c in np.flatnonzero(q.mask):
+        x = weighted[:, c]
+        d += np.maximum(0.0, np.maximum(q.a[c] - x, x - q.b[c]))
+        l1 += np.abs(x - q.mid[c])
+    pos = np.arange(len(weighted)) if keep is None else np.flatnonzero(keep)
+    order = np.lexsort((pos, np.round(l1[pos], 9), np.round(d[pos], 9)))[:k]
+    return pos[order], d[pos[order]]
+
+
+def _tied_features(n: int, seed: int) -> np.ndarray:
+    """Native-unit [mean, peak] features with heavy ties: grid values, zeros, duplicated rows."""
+    rng = np.random.default_rng(seed)
+    f = np.empty((n, 2 * N_CHANNELS))
+    for j in range(N_CHANNELS):
+        head = CONTROL_CHANNELS[j] in ("yaw", "pitch", "roll")
+        scale = 30.0 if head else 1.0
+        base = rng.normal(0.2, 0.25, n) * scale
+        if j % 3 == 0:  # a coarse grid: many exact ties
+            base = np.round(base * 8 / scale) * scale / 8
+        if not head:
+            base = np.clip(base, 0.0, 1.0)  # AU/gaze rest at exactly 0
+        f[:, j] = base
+        f[:, N_CHANNELS + j] = base + np.abs(rng.normal(0, 0.05, n)) * scale * (j % 2)
+    dup = rng.integers(0, n, n // 5)
+    f[rng.integers(0, n, n // 5)] = f[dup]
+    return f.astype(np.float32)
+
+
+def _random_targets(features: np.ndarray, rng: np.random.Generator) -> dict:
+    """1-6 channels; values (often exactly a grid or data value), ranges, far-away targets."""
+    targets: dict = {}
+    for j in rng.choice(N_CHANNELS, size=int(rng.integers(1, 7)), replace=False):
+        name = CONTROL_CHANNELS[j]
+        scale = 30.0 if name in ("yaw", "pitch", "roll") else 1.0
+        kind = rng.integers(5)
+        v = float(features[rng.integers(len(features)), j])
+        if kind == 0:
+            targets[name] = v  # exactly a data value
+        elif kind == 1:
+            targets[name] = round(v + rng.normal(0, 0.1) * scale, 3)
+        elif kind == 2:
+            half = float(rng.uniform(0.0, 0.3)) * scale
+            targets[name] = [v - half, v + half]
+        elif kind == 3:
+            targets[name] = [0.0, float(rng.uniform(0, 1)) * scale]  # ranges from the rest value
+        else:
+            targets[name] = float(rng.choice([-3.0, 5.0])) * scale  # far outside the data
+    return targets
+
+
+@pytest.mark.parametrize("max_fraction", [1.0, 0.2, 0.01])
+def test_sorted_walk_equals_brute_force_with_ties(max_fraction):
+    """The sorted walk (walk.py) returns exactly the brute-force top k under the total order, with
+    grid ties, duplicated rows, zeros, values, ranges, far targets, 1-6 channels, k 1-20, masks.
+    max_fraction 1.0 always answers by the walk; small ones hand most queries to the caller (None)."""
+    from prototype_store.retrieval import to_intervals, weighted_query
+    from prototype_store.scan import ColumnScan
+    from prototype_store.walk import SortedFeatures
+
+    fw = feature_weights(1.0, 0.5, 0.25, 0.5, 0.5)
+    feats = _tied_features(3000, seed=7)
+    weighted = feats.astype(np.float64) * fw
+    scan = ColumnScan(weighted)
+    walk = SortedFeatures(scan.cols64, scan.cols32, seed_rows=16, max_fraction=max_fraction, intersect_min=64, threads=2)
+    ids = np.arange(len(feats))
+    rng = np.random.default_rng(int(max_fraction * 100))
+    answered = 0
+    for i in range(250):
+        targets = _random_targets(feats, rng)
+        q = weighted_query(to_intervals(targets), fw)
+        k = int(rng.integers(1, 21))
+        keep = None
+        if i % 3 == 1:
+            keep = rng.random(len(feats)) < rng.choice([0.9, 0.3, 0.02])
+        got = walk.topk(q, k, ids, keep, None if keep is None else int(keep.sum()))
+        if got is None:
+            continue
+        answered += 1
+        pos, dist = _sequential_oracle(weighted, q, k, keep)
+        assert got[0].tolist() == pos.tolist(), (targets, k)
+        assert got[1].tolist() == dist.tolist()  # bit-identical: the scan's formula and order
+        ref = scan.topk(q, k, ids, None if keep is None else np.flatnonzero(keep))
+        assert got[0].tolist() == ref[0].tolist() and got[1].tolist() == ref[1].tolist()
+    if max_fraction == 1.0:
+        assert answered >= 150  # selective masks (windows wider than the allowed rows) go back to the scan
+    scan.close()
+
+
+def test_walk_is_the_default_for_large_libraries(sample_library, tmp_path):
+    """search=auto sorts at open from walk_min_rows rows and walks; selective filters scan; the
+    answers equal the scan's, fallbacks included."""
+    auto = PrototypeStore.open(sample_library, walk_min_rows=1)
+    assert auto._walker is not None
+    small = PrototypeStore.open(sample_library)  # 333 rows < walk_min_rows: plain scan, nothing sorted
+    assert small._walker is None
+    scan = PrototypeStore.open(sample_library, search="scan")
+    tight = PrototypeStore.open(sample_library, search="walk", walk_max_fraction=0.0)  # always hands over
+    for i, targets in enumerate(sample_queries(auto.features, 40, seed=5)):
+        kwargs = {"label": auto.labels[i % len(auto.labels)]} if i % 2 else {}
+        ref = [(m.prototype_id, m.distance) for m in scan.query(targets, k=6, arrays=False, **kwargs)]
+        for store in (auto, small, tight):
+            assert [(m.prototype_id, m.distance) for m in store.query(targets, k=6, arrays=False, **kwargs)] == ref
