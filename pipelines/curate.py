@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
-from ray.data import ActorPoolStrategy, DataContext
+from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
 from cogportrait.config import CurateConfig
 from cogportrait.curate.manifest import read_manifest
@@ -49,10 +49,11 @@ from cogportrait.schema import CLIPS_SCHEMA, REJECTS_SCHEMA
 
 log = logging.getLogger("cogportrait.curate")
 
-# Logical CPUs per step. Small fractions on purpose: two long-lived actor pools must never
-# hold every CPU of a 1-CPU cluster while the task steps wait (a deadlock), and real CPU use
-# is bounded by each step's `concurrency`.
-HEAVY_CPUS = 0.25
+# Logical CPUs per step. The two heavy stages (decode + scenes + faces, and decode + crop +
+# encode) cost about the same per frame and each may use every worker; at 0.45 CPU one of each
+# plus the light steps fit on a single CPU, so the job streams (no stage waits for another to
+# drain) even on a 1-CPU cluster, and at most ~2 heavy processes share a core.
+HEAVY_CPUS = 0.45
 LIGHT_CPUS = 0.05
 
 
@@ -94,19 +95,20 @@ def run(cfg: CurateConfig) -> dict:
     DataContext.get_current().target_max_block_size = 1
     n = cfg.num_workers
 
+    heavy = n  # slots for each of the two heavy stages
     ds = ray.data.from_items([new_row(r) for r in valid], override_num_blocks=max(1, len(valid)))
-    # 1:1 video -> video; opens the file, decodes one frame                  (light CPU)
-    ds = ds.map(probe_step, fn_kwargs={"cfg": cfg}, num_cpus=LIGHT_CPUS, concurrency=n)
-    # 1:N video -> shots, cut to 3-20 s; one full decode at 256 px          (1 core per task)
-    ds = ds.flat_map(scenes_step, fn_kwargs={"cfg": cfg}, num_cpus=HEAVY_CPUS, concurrency=n)
-    # 1:N shot -> face runs + rejected gaps; decode + MediaPipe at 5 Hz     (actor per core)
-    ds = ds.flat_map(TrackFaces, fn_constructor_kwargs={"cfg": cfg}, compute=ActorPoolStrategy(min_size=1, max_size=n), num_cpus=HEAVY_CPUS)
-    # 1:1 span -> span; RapidOCR detection on 3 frames                      (actor, light)
-    ds = ds.map(DetectText, fn_constructor_kwargs={"cfg": cfg}, compute=ActorPoolStrategy(min_size=1, max_size=n), num_cpus=LIGHT_CPUS)
+    # 1:1 video -> video; opens the file, decodes one frame                  (light)
+    ds = ds.map(probe_step, fn_kwargs={"cfg": cfg}, num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n))
+    # 1:N video -> shots, cut to 3-20 s; one full decode at 256 px          (heavy; Ray fuses it into the next actor)
+    ds = ds.flat_map(scenes_step, fn_kwargs={"cfg": cfg}, num_cpus=HEAVY_CPUS, compute=TaskPoolStrategy(size=heavy))
+    # 1:N shot -> face runs + rejected gaps; decode + MediaPipe at 5 Hz     (heavy actor: detector loaded once)
+    ds = ds.flat_map(TrackFaces, fn_constructor_kwargs={"cfg": cfg}, compute=ActorPoolStrategy(min_size=1, max_size=heavy), num_cpus=HEAVY_CPUS)
+    # 1:1 span -> span; RapidOCR detection on 3 frames kept by the track pass (light actor: model loaded once)
+    ds = ds.map(DetectText, fn_constructor_kwargs={"cfg": cfg}, compute=ActorPoolStrategy(min_size=1, max_size=heavy), num_cpus=LIGHT_CPUS)
     # 1:1 span -> span; thresholds on sharpness, exposure, motion           (no decode)
-    ds = ds.map(filter_step, fn_kwargs={"cfg": cfg}, num_cpus=LIGHT_CPUS, concurrency=n)
-    # 1:1 span -> clip; decode, crop, resample to 25 fps, x264; audio wav   (1 core per task)
-    ds = ds.map(crop_step, fn_kwargs={"cfg": cfg, "out_dir": str(out_dir)}, num_cpus=HEAVY_CPUS, concurrency=n)
+    ds = ds.map(filter_step, fn_kwargs={"cfg": cfg}, num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n))
+    # 1:1 span -> clip; decode, crop, resample to 25 fps, x264; audio wav   (heavy)
+    ds = ds.map(crop_step, fn_kwargs={"cfg": cfg, "out_dir": str(out_dir)}, num_cpus=HEAVY_CPUS, compute=TaskPoolStrategy(size=heavy))
 
     counts: Counter[str] = Counter()
     timers = dict.fromkeys(STEP_TIMERS, 0.0)
