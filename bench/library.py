@@ -7,9 +7,11 @@ seed row's controls resampled to 8 frames plus a per-channel offset (see ``pertu
 keypoints are left empty because no index or query cost depends on them.
 
 Per size it measures: writing the Parquet, building the exact (flat L1) and IVF indexes, opening
-(fingerprint check included), resident memory, query latency p50/p99 over random composer-like
-targets (1-4 channels, values and ranges) for the exact path and for IVF, IVF recall@5 against
-exact, and a polars label + channel-range filter over the Parquet.
+(fingerprint check included), resident memory, query latency p50/p99 (wall, and process CPU time)
+over random composer-like targets (1-4 channels, values and ranges) for the exact column scan
+(search=scan), the default path (search=auto: the sorted walk from walk_min_rows rows, checked
+identical to the scan on every query) and IVF, IVF recall@5 against exact, and a polars label +
+channel-range filter over the Parquet. ``--skip-ivf`` leaves IVF out.
 
     nice -n 10 .venv/bin/python bench/library.py --sizes 10000 100000 1000000 > bench/out/library.json
 """
@@ -53,10 +55,16 @@ def _store_mb(store: PrototypeStore) -> float:
     return round(arrays / 2**20, 1)
 
 
-def _pct(xs: list[float]) -> dict[str, float]:
+def _pct(xs: list[float], cpu: list[float] | None = None) -> dict[str, float]:
+    """Wall-clock percentiles, and (``cpu``) the process CPU time per query: less sensitive to
+    other jobs on a shared box than wall time (it counts the scan's threads too)."""
     a = np.asarray(xs) * 1e3
-    return {"p50_ms": round(float(np.percentile(a, 50)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3),
-            "mean_ms": round(float(a.mean()), 3)}
+    out = {"p50_ms": round(float(np.percentile(a, 50)), 3), "p99_ms": round(float(np.percentile(a, 99)), 3),
+           "mean_ms": round(float(a.mean()), 3)}
+    if cpu is not None:
+        c = np.asarray(cpu) * 1e3
+        out.update(cpu_p50_ms=round(float(np.percentile(c, 50)), 3), cpu_p99_ms=round(float(np.percentile(c, 99)), 3))
+    return out
 
 
 def seed_table(seed_library: str | None, work: Path):
@@ -67,7 +75,7 @@ def seed_table(seed_library: str | None, work: Path):
     return pq.read_table(work / "seed" / "prototypes.parquet"), "synthetic upstream (prototype_store.synthetic)"
 
 
-def bench_size(n: int, source, work: Path, n_queries: int, recall_queries: int) -> dict:
+def bench_size(n: int, source, work: Path, n_queries: int, recall_queries: int, skip_ivf: bool = False) -> dict:
     out: dict = {"n": n}
     lib = work / f"lib_{n}"
     if lib.exists():
@@ -83,18 +91,21 @@ def bench_size(n: int, source, work: Path, n_queries: int, recall_queries: int) 
     labels = pl.scan_parquet(lib / "prototypes.parquet").select(pl.col("label").unique()).collect()["label"].to_list()
 
     def measure(store: PrototypeStore, queries: list, with_label: bool = True) -> dict:
-        lat, lat_label = [], []
+        lat, cpu, lat_label = [], [], []
         for q in queries:
-            t = time.perf_counter()
+            c, t = time.process_time(), time.perf_counter()
             store.query(q, k=5, arrays=False)
             lat.append(time.perf_counter() - t)
-        entry = {"query": _pct(lat)}
+            cpu.append(time.process_time() - c)
+        entry = {"query": _pct(lat, cpu)}
         if with_label:
+            cpu_label = []
             for i, q in enumerate(queries[: max(20, len(queries) // 3)]):
-                t = time.perf_counter()
+                c, t = time.process_time(), time.perf_counter()
                 store.query(q, k=5, label=labels[i % len(labels)], arrays=False)
                 lat_label.append(time.perf_counter() - t)
-            entry["query_with_label_filter"] = _pct(lat_label)
+                cpu_label.append(time.process_time() - c)
+            entry["query_with_label_filter"] = _pct(lat_label, cpu_label)
         return entry
 
     def recall(store: PrototypeStore, queries: list, truth: list) -> float:
@@ -120,6 +131,21 @@ def bench_size(n: int, source, work: Path, n_queries: int, recall_queries: int) 
     t = time.perf_counter()
     store.query(queries[0], k=5, arrays=True)
     entry["query_with_arrays_ms"] = round((time.perf_counter() - t) * 1e3, 3)
+    # the default path (search=auto): the sorted walk (walk.py) from walk_min_rows rows
+    rss1 = _rss_mb()
+    t = time.perf_counter()
+    auto = PrototypeStore.open(lib)
+    entry["auto_open_s"] = round(time.perf_counter() - t, 3)
+    entry["auto_sorted_orders_mb"] = round(auto._walker.nbytes / 2**20, 1) if auto._walker is not None else 0.0
+    entry["auto_rss_extra_mb"] = round(_rss_mb() - rss1, 1)
+    entry["auto"] = measure(auto, queries)
+    same = sum(
+        [(m.prototype_id, m.distance) for m in auto.query(q, k=5, arrays=False)]
+        == [(m.prototype_id, m.distance) for m in store.query(q, k=5, arrays=False)]
+        for q in queries
+    )
+    entry["auto_identical_to_scan"] = f"{same}/{len(queries)}"
+    auto.close()
     store.close()
     if n <= 100_000:
         store = PrototypeStore.open(lib, search="index")
@@ -127,6 +153,9 @@ def bench_size(n: int, source, work: Path, n_queries: int, recall_queries: int) 
         store.close()
     results["exact"] = entry
     del store
+    if skip_ivf:
+        out.update(results)
+        return out | {"polars_label_range_filter": _polars_filter(lib, labels)}
 
     rss0 = _rss_mb()
     t = time.perf_counter()
@@ -152,7 +181,12 @@ def bench_size(n: int, source, work: Path, n_queries: int, recall_queries: int) 
     results["ivf"] = entry
     out.update(results)
 
-    # polars: label + channel-range filter straight on the Parquet (the README's example)
+    out["polars_label_range_filter"] = _polars_filter(lib, labels)
+    return out
+
+
+def _polars_filter(lib: Path, labels: list[str]) -> dict:
+    """polars: label + channel-range filter straight on the Parquet (the README's example)."""
     times = []
     for i in range(10):
         t = time.perf_counter()
@@ -164,8 +198,7 @@ def bench_size(n: int, source, work: Path, n_queries: int, recall_queries: int) 
             .collect()
         )
         times.append(time.perf_counter() - t)
-    out["polars_label_range_filter"] = {**_pct(times), "rows": df.height}
-    return out
+    return {**_pct(times), "rows": df.height}
 
 
 def main() -> int:
@@ -175,6 +208,7 @@ def main() -> int:
     ap.add_argument("--recall-queries", type=int, default=200)
     ap.add_argument("--seed-library", help="library folder whose prototypes seed the perturbation")
     ap.add_argument("--work", help="scratch folder (default: a temp dir, removed afterwards)")
+    ap.add_argument("--skip-ivf", action="store_true", help="exact paths only (IVF build and nprobe curve take minutes at 1e6)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="cogportrait-bench-"))
@@ -191,7 +225,7 @@ def main() -> int:
         }
         for n in args.sizes:
             log.info("size %d", n)
-            report["sizes"].append(bench_size(n, source, work, args.queries, args.recall_queries))
+            report["sizes"].append(bench_size(n, source, work, args.queries, args.recall_queries, args.skip_ivf))
         report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -23,8 +23,9 @@ How a query stays exact (see ``retrieval.py`` for D):
   ``walk_min_rows`` rows by walking per-feature sorted orders (``walk.py``: a seed bounds the k-th
   result, the smallest sorted window of a targeted feature holds every row that can beat it,
   windows are intersected and pruned; bit-identical to the scan), handing dense targets and
-  selective filters to a column scan of the targeted features (``scan.py``), which also answers
-  smaller libraries: for 1-4 targeted channels both beat any full-vector index (bench/RESULTS.md).
+  filters keeping under half the rows to a column scan of the targeted features (``scan.py``),
+  which also answers smaller libraries: for 1-4 targeted channels both beat any full-vector
+  index (bench/RESULTS.md).
   ``search="walk"`` / ``"scan"`` force one of them. ``search="index"`` uses FAISS: the flat index
   is exact by the certificate; IVF is approximate, nprobe tuned at build time to a recall@5 target
   (stored in meta.json), and for a filtered subset nprobe grows with 1 / selectivity.
@@ -606,7 +607,7 @@ class PrototypeStore:
         ``search`` = walk: exact walk of per-feature sorted orders (``walk.py``), handing dense
         targets over to the scan; scan: exact column scan; index: the FAISS index (flat: exact by
         certificate; IVF: approximate, within its measured recall); auto: the walk from
-        walk_min_rows rows (unless a filter keeps < 1/8 of them), the scan below, both up to
+        walk_min_rows rows (unless a filter keeps < 1/2 of them), the scan below, both up to
         exact_scan_max rows, the index above.
         """
         n_sub = self.n if rows is None else len(rows)
@@ -615,8 +616,9 @@ class PrototypeStore:
         k = min(k, n_sub)
         mode = self.cfg.search
         if mode == "walk" or (mode == "auto" and self.cfg.walk_min_rows <= n_sub <= self.cfg.exact_scan_max
-                              and 8 * n_sub >= self.n):
-            # exact; a selective filter (< 1/8 of the rows) leaves few rows: the scan is cheap there
+                              and 2 * n_sub >= self.n):
+            # exact; a filter keeping under half the rows (a label) makes the walk's windows sparse
+            # and the scan of its rows cheap: measured faster with the scan (bench/RESULTS.md)
             found = self.walker().topk(q, k, self.ids, self._row_mask(rows), n_sub)
             if found is not None:
                 return found

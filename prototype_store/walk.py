@@ -76,14 +76,13 @@ class SortedFeatures:
     def _intersect(self, pos: np.ndarray, window: np.ndarray) -> np.ndarray:
         """Rows of ``window`` that are in ``pos`` (both duplicate-free), via a reusable bitmap."""
         if self._lock.acquire(blocking=False):
+            mark = self._mark
             try:
-                mark = self._mark
                 mark[pos] = True
-                out = window[mark[window]]
-                mark[pos] = False
+                return window[mark[window]]
             finally:
+                mark[pos] = False  # the bitmap must be clean for the next query, whatever happened
                 self._lock.release()
-            return out
         mark = np.zeros(self.n, dtype=bool)  # another thread holds the shared bitmap
         mark[pos] = True
         return window[mark[window]]
