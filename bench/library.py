@@ -139,6 +139,16 @@ def bench_size(n: int, source, work: Path, n_queries: int, recall_queries: int, 
     entry["auto_sorted_orders_mb"] = round(auto._walker.nbytes / 2**20, 1) if auto._walker is not None else 0.0
     entry["auto_rss_extra_mb"] = round(_rss_mb() - rss1, 1)
     entry["auto"] = measure(auto, queries)
+    # the two paths again, alternating query by query, so that both see the same load of a shared box
+    pair: dict[str, list[list[float]]] = {"scan": [[], []], "auto": [[], []]}
+    for i, q in enumerate(queries):
+        for name in (("scan", "auto") if i % 2 else ("auto", "scan")):
+            st = store if name == "scan" else auto
+            c, t = time.process_time(), time.perf_counter()
+            st.query(q, k=5, arrays=False)
+            pair[name][0].append(time.perf_counter() - t)
+            pair[name][1].append(time.process_time() - c)
+    entry["interleaved"] = {name: _pct(*v) for name, v in pair.items()}
     same = sum(
         [(m.prototype_id, m.distance) for m in auto.query(q, k=5, arrays=False)]
         == [(m.prototype_id, m.distance) for m in store.query(q, k=5, arrays=False)]

@@ -78,14 +78,14 @@ class SortedFeatures:
         if self._lock.acquire(blocking=False):
             mark = self._mark
             try:
-                mark[pos] = True
-                return window[mark[window]]
+                np.put(mark, pos, True)
+                return window[np.take(mark, window)]
             finally:
-                mark[pos] = False  # the bitmap must be clean for the next query, whatever happened
+                np.put(mark, pos, False)  # the bitmap must be clean for the next query, whatever happened
                 self._lock.release()
         mark = np.zeros(self.n, dtype=bool)  # another thread holds the shared bitmap
-        mark[pos] = True
-        return window[mark[window]]
+        np.put(mark, pos, True)
+        return window[np.take(mark, window)]
 
     @property
     def nbytes(self) -> int:
@@ -104,7 +104,7 @@ class SortedFeatures:
         d = np.zeros(len(pos))
         l1 = np.zeros(len(pos))
         for c in cols:
-            x = self.cols64[c, pos]
+            x = np.take(self.cols64[c], pos)  # np.take: ~2x faster than cols64[c, pos]
             d += np.maximum(0.0, np.maximum(q.a[c] - x, x - q.b[c]))
             l1 += np.abs(x - mid[c])
         return d, l1
@@ -131,7 +131,7 @@ class SortedFeatures:
         if len(seed) > 1:
             seed = seed[np.concatenate(([True], seed[1:] != seed[:-1]))]  # dedupe (np.unique hashes: slower)
         if mask is not None:
-            seed = seed[mask[seed]]
+            seed = seed[np.take(mask, seed)]
         if len(seed) < k:
             return None
         if len(seed) > 8 * k:
@@ -140,7 +140,7 @@ class SortedFeatures:
             d32 = np.zeros(len(seed), dtype=np.float32)
             l32 = np.zeros(len(seed), dtype=np.float32)
             for c in cols:
-                x = self.cols32[c, seed]
+                x = np.take(self.cols32[c], seed)
                 d32 += np.maximum(np.maximum(np.float32(q.a[c]) - x, x - np.float32(q.b[c])), np.float32(0.0))
                 l32 += np.abs(x - np.float32(mid[c]))
             d32 += np.float32(1e-3) * l32
@@ -174,7 +174,7 @@ class SortedFeatures:
             return None
         pos = self.perm[first, start:end].astype(np.intp)  # numpy converts int32 indices per gather
         if mask is not None:
-            pos = pos[mask[pos]]
+            pos = pos[np.take(mask, pos)]
         # 3. intersect with the next windows while that is cheaper than gathering their values
         for size, start, end, c in windows[1:]:
             if len(pos) <= self.intersect_min:
@@ -189,7 +189,7 @@ class SortedFeatures:
         part_d = np.zeros(len(pos), dtype=np.float32)
         part_l = np.zeros(len(pos), dtype=np.float32) if ties_at_zero else None
         for _, _, _, c in windows:
-            x = self.cols32[c, pos]
+            x = np.take(self.cols32[c], pos)
             g = np.maximum(np.maximum(np.float32(q.a[c]) - x, x - np.float32(q.b[c])), np.float32(0.0))
             part_d += g
             alive = part_d <= lim_d
