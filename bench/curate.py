@@ -56,12 +56,18 @@ def run_one(manifest: Path, workers: int, out: Path) -> dict:
     from pipelines.curate import run
 
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    # pin this process (and so every Ray process it starts) to `workers` cores: "per core" must
+    # mean one physical core, not a logical Ray CPU the OS may spread over all of them
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= workers:
+        os.sched_setaffinity(0, cores[:workers])
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         with PeakRss() as rss:
             metrics = run(CurateConfig(manifest=str(manifest), out=str(out), num_workers=workers))
     finally:
         ray.shutdown()
+        os.sched_setaffinity(0, cores)
     return {
         "workers": workers,
         "videos": metrics["manifest_rows"],
