@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import ray
-from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+from pipelines._ray import ONE_ROW_PER_BLOCK, start_ray
+from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from cogportrait.config import CurateConfig
 from cogportrait.curate.manifest import read_manifest
@@ -89,10 +90,7 @@ def run(cfg: CurateConfig) -> dict:
     valid, manifest_rejects, root = read_manifest(cfg.manifest)
     log.info("manifest %s: %d rows usable, %d rejected", cfg.manifest, len(valid), len(manifest_rejects))
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=cfg.num_workers, include_dashboard=False, configure_logging=False)
-    # one row per block: a row is a whole video or span, worth a task of its own
-    DataContext.get_current().target_max_block_size = 1
+    start_ray(cfg.num_workers, ONE_ROW_PER_BLOCK)
     n = cfg.num_workers
 
     heavy = n  # slots for each of the two heavy stages

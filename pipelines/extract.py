@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
-from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+from pipelines._ray import LARGE_BLOCKS, start_ray
+from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from cogportrait.config import ExtractConfig
 from cogportrait.face.au_backends import make_backend
@@ -130,10 +131,7 @@ def run(cfg: ExtractConfig) -> dict:
     if len({r["clip_id"] for r in rows}) != len(rows):
         raise ValueError(f"{clips_path} has duplicate clip_id values")
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=cfg.num_workers, include_dashboard=False, configure_logging=False)
-    ctx = DataContext.get_current()
-    ctx.target_max_block_size = 128 * 1024 * 1024  # frames blocks: keep a clip's rows together
+    start_ray(cfg.num_workers, LARGE_BLOCKS)
     n = cfg.num_workers
     parts = Path(tempfile.mkdtemp(prefix=".frames-parts.", dir=out_dir))
     try:

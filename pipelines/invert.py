@@ -30,7 +30,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
-from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+from pipelines._ray import LARGE_BLOCKS, start_ray
+from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from cogportrait.behavior.events import detect_events, event_rows
 from cogportrait.config import EventsConfig, InvertConfig
@@ -216,9 +217,7 @@ def run(cfg: InvertConfig, events_cfg: EventsConfig | None = None) -> dict:
     )
     rest = RestSettings(cfg.rest_quantile, cfg.rest_max_angle_deg, cfg.rest_min_frames, cfg.rest_max_frames_per_clip)
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=cfg.num_workers, include_dashboard=False, configure_logging=False)
-    DataContext.get_current().target_max_block_size = 128 * 1024 * 1024
+    start_ray(cfg.num_workers, LARGE_BLOCKS)
     n = cfg.num_workers
     clip_rows = _clip_rows(files, clip_info)
     if not clip_rows:

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.data import DataContext, TaskPoolStrategy
+from pipelines._ray import ONE_ROW_PER_BLOCK, start_ray
+from ray.data import TaskPoolStrategy
 
 from cogportrait.config import KtoConfig
 from cogportrait.io.atomic import write_json, write_table
@@ -77,9 +78,7 @@ def run(cfg: KtoConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out)
     ids = clip_ids(cfg.controls)
     meta = read_clip_meta(cfg.clips)
-    if not ray.is_initialized():
-        ray.init(num_cpus=cfg.num_workers, include_dashboard=False, configure_logging=False)
-    DataContext.get_current().target_max_block_size = 1
+    start_ray(cfg.num_workers, ONE_ROW_PER_BLOCK)
     samples: list[Row] = []
     if ids:
         rows_in = [{"clip_id": c, "meta": json.dumps(meta[c]) if c in meta else ""} for c in ids]

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.data import DataContext, TaskPoolStrategy
+from pipelines._ray import ONE_ROW_PER_BLOCK, start_ray
+from ray.data import TaskPoolStrategy
 
 from cogportrait.config import PrototypesConfig
 from cogportrait.io.atomic import write_json
@@ -85,9 +86,7 @@ def run(cfg: PrototypesConfig) -> dict[str, Any]:
     missing_meta = [c for c in ids if c not in meta]
     if meta and missing_meta:
         log.warning("%d clips have no row in %s (no label/identity)", len(missing_meta), cfg.clips)
-    if not ray.is_initialized():
-        ray.init(num_cpus=cfg.num_workers, include_dashboard=False, configure_logging=False)
-    DataContext.get_current().target_max_block_size = 1  # a clip is worth a task of its own
+    start_ray(cfg.num_workers, ONE_ROW_PER_BLOCK)
     n = cfg.num_workers
     rows_in = [{"clip_id": c, "meta": json.dumps(meta[c]) if c in meta else ""} for c in ids]
     records: list[Row] = []

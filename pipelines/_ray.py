@@ -1,0 +1,16 @@
+"""The one place a pipeline starts (or joins) Ray and sets how rows are grouped into blocks."""
+
+from __future__ import annotations
+
+import ray
+from ray.data import DataContext
+
+ONE_ROW_PER_BLOCK = 1  # a row is a whole video, span or clip: worth a task of its own
+LARGE_BLOCKS = 128 * 1024 * 1024  # per-frame rows: keep a clip's rows together
+
+
+def start_ray(num_cpus: int, max_block_bytes: int) -> None:
+    """Join the running Ray instance (a cluster, or the tests' session) or start a local one."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+    DataContext.get_current().target_max_block_size = max_block_bytes
