@@ -139,14 +139,20 @@ class ColumnScan:
         if ub == 0.0 and len(local) > 4 * k + 64:
             zero = local[partial == 0.0]
             if len(zero) >= k:
-                sub = zero if rows is None else rows[zero]
-                l32 = self.distances32(q, sub, midpoint=True)
-                lk = float(np.partition(l32, k - 1)[k - 1]) if len(l32) > k else float(l32.max())
-                local = zero[l32 <= lk + F32_TOL * (1.0 + abs(lk))]
+                local = self._closest_of_zero(q, zero, rows, k)
         pos = local if rows is None else rows[local]
         d, l1 = self._exact(q, pos)
         top = rank(d, l1, ids[pos], k)
         return pos[top].astype(np.int64), d[top]
+
+    def _closest_of_zero(self, q: WeightedQuery, zero: np.ndarray, rows: np.ndarray | None, k: int) -> np.ndarray:
+        """At least k rows lie inside every target range (distance exactly 0, common with range
+        targets): only those can make the top k. Order them by the midpoint L1 in float32 and keep
+        the closest (with float32 slack) for the exact rank."""
+        sub = zero if rows is None else rows[zero]
+        l32 = self.distances32(q, sub, midpoint=True)
+        lk = float(np.partition(l32, k - 1)[k - 1]) if len(l32) > k else float(l32.max())
+        return zero[l32 <= lk + F32_TOL * (1.0 + abs(lk))]
 
     def topk(self, q: WeightedQuery, k: int, ids: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Positions and exact (float64) distances of the top k among ``rows`` (None = all)."""
@@ -161,14 +167,7 @@ class ColumnScan:
         tol = F32_TOL * (1.0 + abs(kth))
         local = np.flatnonzero(d32 <= kth + tol)
         if kth == 0.0 and len(local) > 4 * k + 64:
-            # at least k rows lie inside every target range (distance exactly 0, common with range
-            # targets): only those can make the top k; order them by the midpoint L1 in float32,
-            # keep the closest (with float32 slack), then rank exactly
-            zero = local[d32[local] == 0.0]
-            sub = zero if rows is None else rows[zero]
-            l32 = self.distances32(q, sub, midpoint=True)
-            lk = float(np.partition(l32, k - 1)[k - 1]) if len(l32) > k else float(l32.max())
-            local = zero[l32 <= lk + F32_TOL * (1.0 + abs(lk))]
+            local = self._closest_of_zero(q, local[d32[local] == 0.0], rows, k)
         pos = local if rows is None else rows[local]
         d, l1 = self._exact(q, pos)
         order = rank(d, l1, ids[pos], k)
