@@ -6,7 +6,7 @@ Linear DAG:
 
 One step only: loading a clip and mining it share the clip's arrays, and splitting the rows into a
 second step would ship the whole trajectory between workers for nothing. The rules are in
-``cogportrait/kto.py`` (Ray-free). Undesirable samples come later, from the generator.
+``cogportrait/behavior/kto.py`` (Ray-free). Undesirable samples come later, from the generator.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from ray.data import TaskPoolStrategy
 
 from cogportrait.config import KtoConfig
 from cogportrait.io.atomic import write_json, write_table
-from cogportrait.kto import mine_clip, split_identities
+from cogportrait.behavior.kto import mine_clip, split_identities
 from cogportrait.schema import CLIP_FPS, KTO_CATEGORIES, KTO_SCHEMA, N_KEYPOINTS, make_id
-from prototype_store.sources import clip_ids, fallback_identity, load_clip, read_clip_meta
+from cogportrait.behavior.sources import clip_ids, fallback_identity, load_clip, read_clip_meta
 
-log = logging.getLogger("cogportrait.kto")
+log = logging.getLogger("cogportrait.behavior.kto")
 
 LIGHT_CPUS = 0.25
 Row = dict[str, Any]

@@ -4,7 +4,7 @@ Linear DAG, one row per clip until segmentation fans out:
 
     clip ids ─load (1:1)─▶ clip signals ─segment (1:N)─▶ prototype rows ─▶ driver: sort, write
 
-The maths lives in ``prototype_store.segment`` (Ray-free); this module only wires it up. Rows are
+The maths lives in ``cogportrait.behavior.segment`` (Ray-free); this module only wires it up. Rows are
 sorted by (label, event type, deterministic id), so reruns write the same file (and fingerprint).
 """
 
@@ -27,8 +27,8 @@ from ray.data import TaskPoolStrategy
 from cogportrait.config import PrototypesConfig
 from cogportrait.io.atomic import write_json
 from cogportrait.schema import PROTOTYPES_SCHEMA
-from prototype_store.segment import ClipSignals, segment_clip
-from prototype_store.sources import clip_ids, load_clip, read_clip_meta
+from cogportrait.behavior.segment import ClipSignals, segment_clip
+from cogportrait.behavior.sources import clip_ids, load_clip, read_clip_meta
 from prototype_store.store import PARQUET_NAME, write_prototypes
 
 log = logging.getLogger("cogportrait.prototypes")

@@ -10,8 +10,8 @@ from tqdm import tqdm
 
 from cogportrait.config import PrototypesConfig
 from cogportrait.schema import PROTOTYPES_SCHEMA
-from prototype_store.segment import segment_clip
-from prototype_store.sources import clip_ids, load_clip, read_clip_meta
+from cogportrait.behavior.segment import segment_clip
+from cogportrait.behavior.sources import clip_ids, load_clip, read_clip_meta
 from prototype_store.store import PARQUET_NAME, write_prototypes
 
 

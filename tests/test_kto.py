@@ -8,7 +8,7 @@ import pytest
 
 from cogportrait.config import KtoConfig
 from cogportrait.io.atomic import write_table
-from cogportrait.kto import mine_clip, split_identities
+from cogportrait.behavior.kto import mine_clip, split_identities
 from cogportrait.schema import CHANNEL_INDEX as C, CLIPS_SCHEMA, CONTROLS_SCHEMA, KTO_SCHEMA, N_CHANNELS
 
 FPS = 25

@@ -9,7 +9,7 @@ import pytest
 from cogportrait.config import PrototypesConfig
 from cogportrait.schema import CHANNEL_INDEX, N_CHANNELS, PROTOTYPES_SCHEMA
 from prototype_store.fingerprint import parquet_fingerprint, stored_fingerprint
-from prototype_store.segment import ClipSignals, channel_stats, segment_clip
+from cogportrait.behavior.segment import ClipSignals, channel_stats, segment_clip
 
 
 def _clip(n=100, events=(), present=None) -> ClipSignals:

@@ -277,7 +277,7 @@ def test_ivf_within_measured_recall(sample_library, tmp_path):
 
 
 def test_prototype_store_imports_no_ray():
-    code = "import sys, prototype_store, prototype_store.segment, prototype_store.sources; sys.exit('ray' in sys.modules)"
+    code = "import sys, prototype_store, cogportrait.behavior.segment, cogportrait.behavior.sources; sys.exit('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

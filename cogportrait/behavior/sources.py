@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from cogportrait.schema import N_CHANNELS, N_KEYPOINTS
-from prototype_store.segment import ClipSignals
+from cogportrait.behavior.segment import ClipSignals
 
 log = logging.getLogger("cogportrait.prototype_store")
 
