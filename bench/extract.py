@@ -69,39 +69,47 @@ def bench_jobs(clips: Path, workers: list[int], work: Path) -> dict:
 def bench_core(clips: Path, work: Path) -> dict:
     """Per-core rates of the library code alone (one process, no Ray)."""
     from cogportrait.face.extract import extract_clip, read_frames
-    from cogportrait.face.library import invert_signals, prepare_frames
+    from cogportrait.config import ExtractConfig, InvertConfig
+    from cogportrait.face.au_backends import make_backend
+    from cogportrait.face.fitting import invert_signals
+    from cogportrait.face.signals import prepare_frames
     from cogportrait.face.model import LinearFaceModel, load_baselines
+    from cogportrait.schema import identity_key
 
+    # the dataclass defaults are params.yaml's values (tests/test_foundation.py)
+    cfg, extract_cfg = InvertConfig(), ExtractConfig()
+    backend = make_backend(extract_cfg.au_backend, extract_cfg.au_model_dir or None, extract_cfg.gaze_down_blink_coupling)
     table = pq.read_table(clips)
     rows = sorted(table.select(["clip_id", "clip_path", "n_frames"]).to_pylist(), key=lambda r: -r["n_frames"])[:2]
     t = time.perf_counter()
     frames = 0
     for r in rows:
-        frames += extract_clip(clips.parent / r["clip_path"], r["clip_id"]).num_rows
+        frames += extract_clip(clips.parent / r["clip_path"], r["clip_id"], False, backend, extract_cfg).num_rows
     extract_rate = frames / (time.perf_counter() - t)
 
     ext, inv = work / "extract-1", work / "invert-1"
     model = LinearFaceModel.load(inv / "face_model")
     baselines = load_baselines(inv / "face_model" / "baselines.npz")
     kept = pq.read_table(ext / "clips.parquet").select(["clip_id", "identity"]).to_pylist()
-    ident = {r["clip_id"]: (r["identity"] if r["identity"] and r["identity"] != "unknown" else f"clip:{r['clip_id']}") for r in kept}
+    ident = {r["clip_id"]: identity_key(r["identity"], r["clip_id"]) for r in kept}
     all_frames = read_frames(ext, ["clip_id", "frame", "face_present", "landmarks", "transform", "au", "gaze", "head_pose", "width", "height"])
     sigs = []
     t_prep = time.perf_counter()
     for cid in ident:
         part = all_frames.filter(pc.equal(all_frames.column("clip_id"), cid))
-        sigs.append(prepare_frames(part, ident[cid], False))
+        sigs.append(prepare_frames(part, ident[cid], False, cfg.pose_refine))
     prep_s = time.perf_counter() - t_prep
     n = sum(len(s.frame) for s in sigs)
     t = time.perf_counter()
     for s in sigs:
-        invert_signals(s, model, baselines[s.identity])
+        invert_signals(s, model, baselines[s.identity], cfg.inversion)
     solve_s = time.perf_counter() - t
     return {
         "extract_decode_landmarks_rows_frames_per_s": round(extract_rate, 1),
         "invert_pose_normalisation_frames_per_s": round(n / prep_s, 1),
         "invert_solve_frames_per_s": round(n / solve_s, 1),
         "invert_normalise_plus_solve_frames_per_s": round(n / (prep_s + solve_s), 1),
+        "inversion_iterations": cfg.inversion.iterations,
     }
 
 

@@ -2,7 +2,7 @@
 
 Prints one JSON document on stdout. Libraries of 1e4, 1e5, 1e6 prototypes are synthesised by
 perturbing a seed library (``--seed-library LIB``, e.g. data/library built from the sample clips;
-by default the synthetic upstream tables of ``prototype_store.synthetic``): each row is a random
+by default the synthetic upstream tables of ``bench/synthetic.py``): each row is a random
 seed row's controls resampled to 8 frames plus a per-channel offset (see ``perturb_prototypes``);
 keypoints are left empty because no index or query cost depends on them.
 
@@ -10,8 +10,10 @@ Per size it measures: writing the Parquet, building the exact (flat L1) and IVF 
 (fingerprint check included), resident memory, query latency p50/p99 (wall, and process CPU time)
 over random composer-like targets (1-4 channels, values and ranges) for the exact column scan
 (search=scan), the default path (search=auto: the sorted walk from walk_min_rows rows, checked
-identical to the scan on every query) and IVF, IVF recall@5 against exact, and a polars label +
-channel-range filter over the Parquet. ``--skip-ivf`` leaves IVF out.
+identical to the scan on every query), and the FAISS index the store does not query
+(``prototype_store.index.FaissSearch``: flat L1 with the certificate up to 1e5, IVF with its recall@5
+against exact and an nprobe curve), and a polars label + channel-range filter over the Parquet.
+``--skip-ivf`` leaves IVF out.
 
     nice -n 10 .venv/bin/python bench/library.py --sizes 10000 100000 1000000 > bench/out/library.json
 """
@@ -38,8 +40,8 @@ import pyarrow.parquet as pq
 from cogportrait.config import IndexConfig, PrototypesConfig
 from prototype_store import PrototypeStore, build_index, write_prototypes
 from prototype_store.build import build_prototypes_local
-from prototype_store.store import recall_at_k, sample_queries
-from prototype_store.synthetic import perturb_prototypes, write_synthetic_upstream
+from prototype_store.index import FaissSearch, recall_at_k, sample_queries
+from synthetic import perturb_prototypes, write_synthetic_upstream
 
 log = logging.getLogger("cogportrait.bench")
 
@@ -49,10 +51,15 @@ def _rss_mb() -> float:
 
 
 def _store_mb(store: PrototypeStore) -> float:
-    """Memory an open store holds: features, scan columns, per-row metadata, the FAISS vectors."""
+    """Memory an open store holds: features, scan columns, per-row metadata."""
     arrays = store.features.nbytes + store.scanner.cols64.nbytes + store.scanner.cols32.nbytes
-    arrays += store._meta_table.nbytes + store.index.ntotal * store.index.d * 4
+    arrays += store._meta_table.nbytes
     return round(arrays / 2**20, 1)
+
+
+def _faiss_mb(fs: FaissSearch) -> float:
+    """Memory of a loaded FAISS index: its vectors and the weighted features of the re-rank."""
+    return round((fs.index.ntotal * fs.index.d * 4 + fs.weighted.nbytes) / 2**20, 1)
 
 
 def _pct(xs: list[float], cpu: list[float] | None = None) -> dict[str, float]:
@@ -67,12 +74,19 @@ def _pct(xs: list[float], cpu: list[float] | None = None) -> dict[str, float]:
     return out
 
 
+def _top5(search, targets) -> np.ndarray:
+    """Distances of the top 5 for ``targets`` from a PrototypeStore or a FaissSearch."""
+    if isinstance(search, FaissSearch):
+        return search.query(targets, 5)[1]
+    return np.array([m.distance for m in search.query(targets, k=5, arrays=False)])
+
+
 def seed_table(seed_library: str | None, work: Path):
     if seed_library:
         return pq.read_table(Path(seed_library) / "prototypes.parquet"), str(seed_library)
     up = write_synthetic_upstream(work / "upstream", n_clips=24, n_frames=200, seed=0)
     build_prototypes_local(PrototypesConfig(controls=str(up["controls"]), clips=str(up["clips"]), out=str(work / "seed")))
-    return pq.read_table(work / "seed" / "prototypes.parquet"), "synthetic upstream (prototype_store.synthetic)"
+    return pq.read_table(work / "seed" / "prototypes.parquet"), "synthetic upstream (bench/synthetic.py)"
 
 
 def bench_size(n: int, source, work: Path, n_queries: int, recall_queries: int, skip_ivf: bool = False) -> dict:
@@ -90,11 +104,12 @@ def bench_size(n: int, source, work: Path, n_queries: int, recall_queries: int, 
     del table
     labels = pl.scan_parquet(lib / "prototypes.parquet").select(pl.col("label").unique()).collect()["label"].to_list()
 
-    def measure(store: PrototypeStore, queries: list, with_label: bool = True) -> dict:
+    def measure(search, queries: list, with_label: bool = True) -> dict:
+        """Latency of ``search`` (a PrototypeStore, or a FaissSearch: no label filter there)."""
         lat, cpu, lat_label = [], [], []
         for q in queries:
             c, t = time.process_time(), time.perf_counter()
-            store.query(q, k=5, arrays=False)
+            _top5(search, q)
             lat.append(time.perf_counter() - t)
             cpu.append(time.process_time() - c)
         entry = {"query": _pct(lat, cpu)}
@@ -102,15 +117,14 @@ def bench_size(n: int, source, work: Path, n_queries: int, recall_queries: int, 
             cpu_label = []
             for i, q in enumerate(queries[: max(20, len(queries) // 3)]):
                 c, t = time.process_time(), time.perf_counter()
-                store.query(q, k=5, label=labels[i % len(labels)], arrays=False)
+                search.query(q, k=5, label=labels[i % len(labels)], arrays=False)
                 lat_label.append(time.perf_counter() - t)
                 cpu_label.append(time.process_time() - c)
             entry["query_with_label_filter"] = _pct(lat_label, cpu_label)
         return entry
 
-    def recall(store: PrototypeStore, queries: list, truth: list) -> float:
-        found = [np.array([m.distance for m in store.query(q, k=5, arrays=False)]) for q in queries]
-        return round(recall_at_k(truth, found), 4)
+    def recall(search, queries: list, truth: list) -> float:
+        return round(recall_at_k(truth, [_top5(search, q) for q in queries]), 4)
 
     results: dict = {}
     # exact: flat L1 index on disk; queries answered by the exact column scan (search=scan), and
@@ -123,7 +137,7 @@ def bench_size(n: int, source, work: Path, n_queries: int, recall_queries: int, 
     store = PrototypeStore.open(lib, search="scan")
     open_s = time.perf_counter() - t
     queries = sample_queries(store.features, n_queries, seed=12345)
-    truth = [np.array([m.distance for m in store.query(q, k=5, arrays=False)]) for q in queries[:recall_queries]]
+    truth = [_top5(store, q) for q in queries[:recall_queries]]
     entry = {"index_kind": meta["kind"], "build_index_s": round(build_s, 3), "open_s": round(open_s, 3),
              "index_mb": round(sum(f.stat().st_size for f in (lib / "index").iterdir()) / 2**20, 2),
              "rss_store_mb": round(_rss_mb() - rss0, 1), "store_arrays_mb": _store_mb(store)}
@@ -158,9 +172,7 @@ def bench_size(n: int, source, work: Path, n_queries: int, recall_queries: int, 
     auto.close()
     store.close()
     if n <= 100_000:
-        store = PrototypeStore.open(lib, search="index")
-        entry["faiss_flat_certified"] = measure(store, queries[: max(30, n_queries // 5)], with_label=False)
-        store.close()
+        entry["faiss_flat_certified"] = measure(FaissSearch.open(lib), queries[: max(30, n_queries // 5)], with_label=False)
     results["exact"] = entry
     del store
     if skip_ivf:
@@ -171,22 +183,20 @@ def bench_size(n: int, source, work: Path, n_queries: int, recall_queries: int, 
     t = time.perf_counter()
     meta = build_index(lib, IndexConfig(ivf_threshold=1, recall_queries=min(recall_queries, 100)))
     build_s = time.perf_counter() - t
-    store = PrototypeStore.open(lib, search="index")
+    ivf = FaissSearch.open(lib)
     entry = {"index_kind": meta["kind"], "nlist": meta["nlist"], "nprobe_tuned": meta["nprobe"],
              "recall_at_5_measured_at_build": meta["recall_at_5"], "build_index_s": round(build_s, 3),
              "index_mb": round(sum(f.stat().st_size for f in (lib / "index").iterdir()) / 2**20, 2),
-             "rss_store_mb": round(_rss_mb() - rss0, 1), "store_arrays_mb": _store_mb(store)}
-    entry.update(measure(store, queries))
-    entry["recall_at_5"] = recall(store, queries[:recall_queries], truth)
-    store.close()
+             "rss_index_mb": round(_rss_mb() - rss0, 1), "index_arrays_mb": _faiss_mb(ivf)}
+    entry.update(measure(ivf, queries, with_label=False))
+    entry["recall_at_5"] = recall(ivf, queries[:recall_queries], truth)
     curve = []
     for probe in sorted({1, 4, 16, 64, meta["nprobe"]}):
         if probe > meta["nlist"]:
             continue
-        st = PrototypeStore.open(lib, search="index", nprobe=probe)
-        m = measure(st, queries[: max(50, n_queries // 3)], with_label=False)
-        curve.append({"nprobe": probe, **m["query"], "recall_at_5": recall(st, queries[:recall_queries], truth)})
-        st.close()
+        ivf.nprobe = probe
+        m = measure(ivf, queries[: max(50, n_queries // 3)], with_label=False)
+        curve.append({"nprobe": probe, **m["query"], "recall_at_5": recall(ivf, queries[:recall_queries], truth)})
     entry["nprobe_curve"] = curve
     results["ivf"] = entry
     out.update(results)

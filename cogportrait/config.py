@@ -6,6 +6,7 @@ Validation names the valid choices, so a typo in params.yaml fails before any wo
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,7 +16,8 @@ import yaml
 T = TypeVar("T")
 
 SCENE_DETECTORS = ("adaptive", "content")
-SEARCH_MODES = ("auto", "walk", "scan", "index")  # see prototype_store/store.py
+SEARCH_MODES = ("auto", "walk", "scan")  # exact search paths of prototype_store/store.py (README: why these)
+POSE_REFINE_MODES = ("similarity", "rotation", "none")
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium")
 
 
@@ -147,10 +149,8 @@ class IndexConfig:
     nlist: int = 0  # IVF lists; 0 = sqrt(n)
     nprobe: int = 0  # IVF lists probed; 0 = smallest power of two reaching recall_target
     recall_target: float = 0.95  # recall@5 the nprobe tuning aims for (measured, stored)
-    overfetch: int = 20  # IVF candidates per result before the exact re-rank
     min_candidates: int = 100
-    search: str = "auto"  # auto: exact sorted walk / column scan up to exact_scan_max rows, else the FAISS index
-    exact_scan_max: int = 2_000_000  # (filtered) row counts up to this are answered exactly (bench/RESULTS.md)
+    search: str = "auto"  # auto: sorted walk from walk_min_rows rows (when filters keep most rows), else column scan
     walk_min_rows: int = 50_000  # auto: libraries this large sort their features at open and walk them
     walk_max_fraction: float = 0.2  # the walk hands over to the scan when its window exceeds this share of rows
     threads: int = 2  # threads of the column scan
@@ -172,9 +172,7 @@ class IndexConfig:
         _check_range("nlist", self.nlist, 0)
         _check_range("nprobe", self.nprobe, 0)
         _check_range("recall_target", self.recall_target, 0.0, 1.0)
-        _check_range("overfetch", self.overfetch, 1)
         _check_range("min_candidates", self.min_candidates, 1)
-        _check_range("exact_scan_max", self.exact_scan_max, 0)
         _check_range("walk_min_rows", self.walk_min_rows, 0)
         _check_range("walk_max_fraction", self.walk_max_fraction, 0.0, 1.0)
         _check_choice("search", self.search, SEARCH_MODES)
@@ -213,10 +211,7 @@ class KtoConfig:
     gaze_min_reversals: int = 3  # shifts that reverse the previous shift's direction
     gaze_smooth_frames: int = 5
     gaze_vertical: bool = False  # count vertical shifts too (gaze_down follows lid closure, gaze_up is weak)
-    # rapid blinking
-    blink_rise: float = 0.35  # AU45 above the clip's rest by this much = closed
-    blink_fall: float = 0.2  # ... and reopened below rest + this (hysteresis)
-    blink_max_s: float = 0.4  # longer closures are not blinks (DESIGN.md)
+    # rapid blinking: counted from invert's blink events (events.parquet), the one blink detector
     blink_min_count: int = 5  # blinks in the window (rest rate is ~1 per 3-4 s)
     blink_max_interval_s: float = 1.0  # median inter-blink interval must be below this
     # split by identity
@@ -237,8 +232,6 @@ class KtoConfig:
         _check_range("gaze_min_shifts", self.gaze_min_shifts, 1)
         _check_range("gaze_min_reversals", self.gaze_min_reversals, 0)
         _check_range("gaze_smooth_frames", self.gaze_smooth_frames, 1)
-        if self.blink_fall >= self.blink_rise:
-            raise ConfigError("blink_fall must be below blink_rise (hysteresis)")
         _check_range("blink_min_count", self.blink_min_count, 1)
         _check_range("test_fraction", self.test_fraction, 0.0, 1.0)
         _check_range("num_workers", self.num_workers, 1)
@@ -270,54 +263,6 @@ class ExtractConfig:
         _check_range("num_workers", self.num_workers, 1)
         if self.au_backend == "pyfeat" and not self.au_model_dir:
             raise ConfigError("au_backend=pyfeat needs au_model_dir (a local py-feat model folder)")
-
-
-@dataclass(frozen=True)
-class InvertConfig:
-    """The invert job: pose normalisation, baselines, ridge face model, bounded inversion."""
-
-    frames: str = "data/extract"  # folder written by extract (frames.parquet, clips.parquet)
-    out: str = "data/invert"
-    ridge: float = 5e-4  # per-frame ridge penalty of the basis fit
-    z_weight: float = 0.5  # weight of depth rows in the inversion
-    pose_refine: str = "similarity"  # after Rᵀ: align rigid anchors per frame (similarity|rotation|none)
-    rest_quantile: float = 0.6  # share of a clip's quietest near-frontal frames taken as rest
-    rest_max_angle_deg: float = 20.0
-    rest_min_frames: int = 5
-    rest_max_frames_per_clip: int = 200
-    solver_iterations: int = 60
-    blink_au45_delta: float = 0.25  # AU45 above rest by this much: a blink, AU41 not measured there
-    au41_smooth_frames: int = 7  # ~300 ms at 25 fps
-    au41_deadzone: float = 0.1  # lid drops below this share of the rest lid-iris gap are noise
-    # optional FLAME backend: a model converted by `cogportrait face convert-flame`; when set,
-    # expression + eye pose are also fitted per frame and written to flame_fits.parquet
-    flame_model: str = ""
-    flame_ridge: float = 1e-3
-    # quality gates (recorded in metrics.json; the job fails only when fail_on_gates is true)
-    gate_loco_r2_overall: float = 0.75
-    gate_loco_r2_iris: float = 0.85
-    gate_loco_corr: float = 0.85
-    fail_on_gates: bool = False
-    clips_per_task: int = 16  # clips handled by one Ray task (a clip is ~10 ms of work)
-    num_workers: int = 2
-
-    def __post_init__(self) -> None:
-        _check_range("ridge", self.ridge, 0.0)
-        _check_range("clips_per_task", self.clips_per_task, 1)
-        _check_range("z_weight", self.z_weight, 0.0, 1.0)
-        _check_choice("pose_refine", self.pose_refine, ("similarity", "rotation", "none"))
-        _check_range("rest_quantile", self.rest_quantile, 0.01, 1.0)
-        _check_range("rest_max_angle_deg", self.rest_max_angle_deg, 1.0, 90.0)
-        _check_range("rest_min_frames", self.rest_min_frames, 1)
-        _check_range("rest_max_frames_per_clip", self.rest_max_frames_per_clip, 1)
-        _check_range("solver_iterations", self.solver_iterations, 1)
-        _check_range("blink_au45_delta", self.blink_au45_delta, 0.0, 1.0)
-        _check_range("au41_smooth_frames", self.au41_smooth_frames, 1)
-        _check_range("au41_deadzone", self.au41_deadzone, 0.0, 0.9)
-        _check_range("flame_ridge", self.flame_ridge, 0.0)
-        if self.flame_model and not Path(self.flame_model).is_file():
-            raise ConfigError(f"flame_model={self.flame_model!r}: no such file (convert yours with `cogportrait face convert-flame`)")
-        _check_range("num_workers", self.num_workers, 1)
 
 
 @dataclass(frozen=True)
@@ -360,22 +305,156 @@ class EventsConfig:
         _check_range("blink_max_s", self.blink_max_s, 0.04)
         _check_range("saccade_velocity", self.saccade_velocity, 0.0)
         _check_range("fixation_min_frames", self.fixation_min_frames, 1)
+        _check_range("min_expression_frames", self.min_expression_frames, 1)
+        _check_range("head_min_frames", self.head_min_frames, 1)
+
+
+@dataclass(frozen=True)
+class RestSettings:
+    """Which frames of a clip count as its rest (neutral) frames for the identity baseline."""
+
+    quantile: float = 0.6  # share of a clip's quietest near-frontal frames taken as rest
+    max_angle_deg: float = 20.0
+    min_frames: int = 5
+    max_frames_per_clip: int = 200
+
+    def __post_init__(self) -> None:
+        _check_range("quantile", self.quantile, 0.01, 1.0)
+        _check_range("max_angle_deg", self.max_angle_deg, 1.0, 90.0)
+        _check_range("min_frames", self.min_frames, 1)
+        _check_range("max_frames_per_clip", self.max_frames_per_clip, 1)
+
+
+@dataclass(frozen=True)
+class InversionSettings:
+    """The per-frame bounded inversion and AU41 over time (cogportrait/face/inversion.py)."""
+
+    z_weight: float = 0.5  # weight of depth rows (MediaPipe z is the noisiest coordinate)
+    iterations: int = 60  # active-set steps and polishing sweeps of the bounded solve
+    rounds: int = 4  # bounded gaze / AU alternations, started from the unbounded fixed point
+    blink_au45_delta: float = 0.25  # AU45 above rest by this much: a blink, AU41 not measured there
+    au41_smooth_frames: int = 7  # ~300 ms at 25 fps
+    au41_gaze_regress: bool = True  # remove the part of the lid drop explained by looking down
+    au41_deadzone: float = 0.1  # lid drops below this share of the rest lid-iris gap are noise
+
+    def __post_init__(self) -> None:
+        _check_range("z_weight", self.z_weight, 0.0, 1.0)
+        _check_range("iterations", self.iterations, 1)
+        _check_range("rounds", self.rounds, 1)
+        _check_range("blink_au45_delta", self.blink_au45_delta, 0.0, 1.0)
+        _check_range("au41_smooth_frames", self.au41_smooth_frames, 1)
+        _check_range("au41_deadzone", self.au41_deadzone, 0.0, 0.9)
+
+
+@dataclass(frozen=True)
+class InvertConfig:
+    """The invert job: pose normalisation, baselines, ridge face model, bounded inversion, events."""
+
+    frames: str = "data/extract"  # folder written by extract (frames.parquet, clips.parquet)
+    out: str = "data/invert"
+    ridge: float = 5e-4  # per-frame ridge penalty of the basis fit
+    pose_refine: str = "similarity"  # after Rᵀ: align rigid anchors per frame (similarity|rotation|none)
+    rest: RestSettings = field(default_factory=RestSettings)
+    inversion: InversionSettings = field(default_factory=InversionSettings)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    # optional FLAME backend: a model converted by `cogportrait face convert-flame`; when set,
+    # expression + eye pose are also fitted per frame and written to flame_fits.parquet
+    flame_model: str = ""
+    flame_ridge: float = 1e-3
+    # quality gates (recorded in metrics.json; the job fails only when fail_on_gates is true)
+    gate_loco_r2_overall: float = 0.75
+    gate_loco_r2_iris: float = 0.85
+    gate_loco_corr: float = 0.85
+    fail_on_gates: bool = False
+    clips_per_task: int = 16  # clips handled by one Ray task (a clip is ~10 ms of work)
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        _check_range("ridge", self.ridge, 0.0)
+        _check_range("clips_per_task", self.clips_per_task, 1)
+        _check_choice("pose_refine", self.pose_refine, POSE_REFINE_MODES)
+        _check_range("flame_ridge", self.flame_ridge, 0.0)
+        if self.flame_model and not Path(self.flame_model).is_file():
+            raise ConfigError(f"flame_model={self.flame_model!r}: no such file (convert yours with `cogportrait face convert-flame`)")
+        _check_range("num_workers", self.num_workers, 1)
 
 
 def from_mapping(cls: type[T], values: dict[str, Any] | None, section: str = "") -> T:
-    """Build a config dataclass, refusing unknown keys with the list of known ones."""
-    values = dict(values or {})
-    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - set(known))
+    """Build a config dataclass from a params mapping: unknown keys, wrong types and nested
+    sections are refused with a message naming the key (``section.key``) and what is valid."""
+    section = section or cls.__name__
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{section} must be a mapping of keys, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(
-            f"unknown key(s) {unknown} in params section {section or cls.__name__}; "
-            f"known: {', '.join(sorted(known))}"
-        )
-    for key, f in known.items():
-        if key in values and isinstance(f.default, float) and isinstance(values[key], int):
-            values[key] = float(values[key])
-    return cls(**values)
+        raise ConfigError(f"unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; known: {', '.join(sorted(known))}")
+    hints = typing.get_type_hints(cls)
+    # nested configs and wrong types raise here, each naming its full key
+    kwargs = {key: _typed(f"{section}.{key}", values[key], hints[key]) for key in known if key in values}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # the class's own checks name its fields bare: add the section
+        first = str(err).split("=")[0].split()[0]
+        raise ConfigError(f"{section}.{err}" if first in known else f"{section}: {err}") from None
+
+
+def _typed(name: str, value: Any, kind: Any) -> Any:
+    """``value`` checked against a field's annotation (bool, int, float, str or a nested config)."""
+    if dataclasses.is_dataclass(kind):
+        return from_mapping(kind, value, name)
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(kind)
+    if ok is None:
+        raise TypeError(f"config field {name} has an unsupported type {kind!r}")
+    if not ok:
+        raise ConfigError(f"{name}={value!r} must be {kind.__name__}, got {type(value).__name__}")
+    return float(value) if kind is float else value
+
+
+def parse_value(cls: type, dotted: str, text: str, section: str = "") -> Any:
+    """A command-line string for the field ``dotted`` of ``cls``, converted to the field's type."""
+    kind: Any = cls
+    for i, part in enumerate(dotted.split(".")):
+        hints = typing.get_type_hints(kind) if dataclasses.is_dataclass(kind) else {}
+        if part not in hints:
+            where = ".".join(filter(None, [section, *dotted.split(".")[:i]])) or cls.__name__
+            raise ConfigError(f"unknown key {'.'.join(filter(None, [section, dotted]))}; known in {where}: {', '.join(sorted(hints))}")
+        kind = hints[part]
+    name = ".".join(filter(None, [section, dotted]))
+    if dataclasses.is_dataclass(kind):
+        raise ConfigError(f"{name} is a section; set one of its keys: {', '.join(sorted(typing.get_type_hints(kind)))}")
+    if kind is bool:
+        word = text.strip().lower()
+        if word not in TRUE_WORDS | FALSE_WORDS:
+            raise ConfigError(f"{name}={text!r} must be bool (true/false)")
+        return word in TRUE_WORDS
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} must be {kind.__name__}") from None
+
+
+TRUE_WORDS = frozenset({"true", "yes", "y", "1", "on"})  # how a person writes a bool (flags, manifest cells)
+FALSE_WORDS = frozenset({"false", "no", "n", "0", "off"})
+
+
+def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in nested dicts (params sections), creating the parents; from_mapping validates."""
+    *parents, leaf = dotted.split(".")
+    node = values
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part} is a value, not a section")
+        node = child
+    node[leaf] = value
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
@@ -397,10 +476,11 @@ STAGE_CONFIGS: dict[str, type] = {
     "curate": CurateConfig,
     "extract": ExtractConfig,
     "invert": InvertConfig,
-    "events": EventsConfig,
     "prototypes": PrototypesConfig,
     "index": IndexConfig,
     "kto_mine": KtoConfig,
 }
 __all__ = [
-    "ConfigError", "CurateConfig", "EventsConfig", "ExtractConfig", "InvertConfig", "IndexConfig", "KtoConfig", "PrototypesConfig", "STAGE_CONFIGS", "from_mapping", "load_params", "load_section", "field"]
+    "ConfigError", "CurateConfig", "EventsConfig", "ExtractConfig", "IndexConfig", "InversionSettings", "InvertConfig", "KtoConfig",
+    "PrototypesConfig", "RestSettings", "STAGE_CONFIGS", "from_mapping", "load_params", "load_section", "parse_value",
+    "set_dotted"]

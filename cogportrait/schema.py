@@ -162,12 +162,48 @@ def clip_id_for(video_id: str, start_frame: int, end_frame: int) -> str:
     return make_id("clip", video_id, start_frame, end_frame)
 
 
+UNKNOWN_IDENTITY = "unknown"  # the manifest's identity when none is given
+
+
+def identity_key(identity: str | None, clip_id: str) -> str:
+    """The key that groups clips of one person: face-model baselines, prototypes, KTO splits.
+
+    A clip without a stated identity is its own identity, never its video's: an unlabelled video
+    may show several people (the sample's multi-shot edit shows five), while a clip is one shot
+    with one tracked face. Every stage keys identities through this function.
+    """
+    return identity if identity and identity != UNKNOWN_IDENTITY else f"clip:{clip_id}"
+
+
 # --------------------------------------------------------------------------------------------
 # Arrow schemas
 # --------------------------------------------------------------------------------------------
 def _f32_list(n: int | None = None) -> pa.DataType:
     return pa.list_(pa.float32(), n) if n is not None else pa.list_(pa.float32())
 
+
+CURATE_STEP_TIMERS = ("t_probe", "t_scenes", "t_track", "t_text", "t_filter", "t_crop")  # seconds per step, per row
+_STR, _F64, _I64, _BOOL = pa.string(), pa.float64(), pa.int64(), pa.bool_()
+# The rows between curate's Ray steps (cogportrait/curate/steps.py, same key order as its
+# ROW_DEFAULTS): one video, then one span of it, every key with one declared type.
+CURATE_ROW_SCHEMA = pa.schema(
+    [
+        ("video_id", _STR), ("path", _STR), ("source", _STR), ("license", _STR), ("label", _STR), ("identity", _STR),
+        ("mirrored", _BOOL), ("manifest_row", _I64),
+        ("fps", _F64), ("width", _I64), ("height", _I64), ("codec", _STR), ("start_time_s", _F64), ("rotation", _I64),
+        ("has_audio_stream", _BOOL), ("n_src_frames", _I64), ("duration_s", _F64),
+        ("scene_index", _I64), ("start_frame", _I64), ("end_frame", _I64), ("start_s", _F64), ("end_s", _F64),
+        ("times", pa.list_(_F64)),
+        ("track_frames", pa.list_(_I64)), ("track_boxes", pa.list_(pa.list_(_F64, 4))),
+        ("text_frames", pa.list_(_I64)), ("text_jpegs", pa.list_(pa.binary())),
+        ("face_size_px", _F64), ("face_score", _F64), ("face_coverage", _F64),
+        ("sharpness", _F64), ("brightness", _F64), ("motion_score", _F64), ("head_speed", _F64), ("text_score", _F64),
+        ("clip_id", _STR), ("clip_path", _STR), ("audio_path", _STR), ("has_audio", _BOOL), ("n_frames", _I64),
+        ("crop_box", pa.list_(pa.float32())), ("crop_track", pa.list_(pa.list_(pa.float32(), 3))),
+        ("reject_stage", _STR), ("reject_reason", _STR), ("reject_detail", _STR),
+        *((name, _F64) for name in CURATE_STEP_TIMERS),
+    ]
+)
 
 VIDEOS_SCHEMA = pa.schema(
     [
@@ -182,7 +218,7 @@ VIDEOS_SCHEMA = pa.schema(
     ]
 )
 MANIFEST_REQUIRED_COLUMNS: tuple[str, ...] = ("video_id", "path", "source", "license", "label")
-MANIFEST_OPTIONAL_COLUMNS: dict[str, object] = {"identity": "unknown", "mirrored": False}
+MANIFEST_OPTIONAL_COLUMNS: dict[str, object] = {"identity": UNKNOWN_IDENTITY, "mirrored": False}
 
 CLIPS_SCHEMA = pa.schema(
     [
@@ -277,6 +313,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "blink", "prolonged_closure", "wink", "brow_raise", "frown", "squint", "lid_droop",
     "saccade", "fixation", "head_nod", "head_turn", "head_tilt",
 )
+EYE_CLOSURE_EVENTS: tuple[str, ...] = ("blink", "prolonged_closure", "wink")
 EVENTS_SCHEMA = pa.schema(
     [
         pa.field("clip_id", pa.string(), nullable=False),
@@ -314,6 +351,12 @@ PROTOTYPES_SCHEMA = pa.schema(
     # read one float column instead of decoding the fixed-size lists (5x faster at 1e6 rows).
     + [pa.field(f"{stat}_{name}", pa.float32()) for stat in ("mean", "peak") for name in CONTROL_CHANNELS]
 )
+# Derived from channel_mean / channel_max when the table is written (prototype_store), nowhere else.
+PROTOTYPE_FLAT_STAT_COLUMNS: tuple[str, ...] = tuple(f"{stat}_{name}" for stat in ("mean", "peak") for name in CONTROL_CHANNELS)
+# Rows of the prototypes job before the driver splits them: every candidate span of a clip, the
+# dropped ones (too short, too little face, a duplicate) with their reason and no arrays.
+PROTOTYPE_DROP_REASONS: tuple[str, ...] = ("short", "low_face_coverage", "duplicate")
+PROTOTYPE_CANDIDATES_SCHEMA = PROTOTYPES_SCHEMA.append(pa.field("drop_reason", pa.string()))
 
 PROTOTYPE_QUALITY_FLAGS: dict[str, str] = {
     "face_gaps": "some frames had no face; their controls and keypoints are interpolated",

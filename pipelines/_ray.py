@@ -9,8 +9,16 @@ ONE_ROW_PER_BLOCK = 1  # a row is a whole video, span or clip: worth a task of i
 LARGE_BLOCKS = 128 * 1024 * 1024  # per-frame rows: keep a clip's rows together
 
 
-def start_ray(num_cpus: int, max_block_bytes: int) -> None:
-    """Join the running Ray instance (a cluster, or the tests' session) or start a local one."""
+def start_ray(num_cpus: int, max_block_bytes: int, preserve_order: bool = False) -> None:
+    """Join the running Ray instance (a cluster, or the tests' session) or start a local one.
+
+    ``preserve_order`` keeps rows in input order through every step (a job that streams its
+    output straight into a table needs it for byte-identical reruns; jobs that sort in the driver
+    do not, and stream a little better without it).
+    """
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
-    DataContext.get_current().target_max_block_size = max_block_bytes
+    ctx = DataContext.get_current()
+    ctx.target_max_block_size = max_block_bytes
+    ctx.execution_options.preserve_order = preserve_order
+

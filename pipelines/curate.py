@@ -9,19 +9,32 @@ Every manifest row and every span ends in exactly one of ``clips.parquet`` or
 split off at the end. Outputs are written atomically; clip ids are uuid5(video_id, span), so a
 rerun rewrites the same files and rows.
 
+Rows between steps are Arrow tables of ``steps.ROW_SCHEMA`` (one operator per step, each a
+``map_batches`` over one row: a video, then a span), so every block has the same typed columns.
+
+Deterministic output: Ray hands rows back in completion order, so the driver buffers the table
+rows (small: scores, spans, the crop track) and sorts them before writing; a rerun on the same
+inputs writes byte-identical tables (no wall-clock value is stored in them; timings go to
+``metrics.json``), and byte-identical clip and audio files (x264 runs single-threaded).
+
+* ``clips.parquet``: by ``(video_id, start_frame)``.
+* ``rejects.parquet``: by ``(manifest_row, start_frame, end_frame, start_s)`` with a whole-input
+  reject (no span) before any span of that row, then stage in pipeline order, reason, detail,
+  video_id, path (``steps.reject_sort_key``; the later keys only make the order total).
+
 Run: ``cogportrait curate --manifest datasets/sample/manifest.csv --out data/curate``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import resource
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import ray
 from pipelines._ray import ONE_ROW_PER_BLOCK, start_ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
@@ -29,15 +42,19 @@ from ray.data import ActorPoolStrategy, TaskPoolStrategy
 from cogportrait.config import CurateConfig
 from cogportrait.curate.manifest import read_manifest
 from cogportrait.curate.steps import (
+    CLIPS_SORT_KEYS,
     STEP_TIMERS,
     Row,
+    apply_step,
     clip_record,
     crop_step,
     filter_step,
     new_row,
     probe_step,
     reject_record,
+    reject_sort_key,
     rejected,
+    rows_table,
     scenes_step,
     single_threaded,
     text_step,
@@ -45,8 +62,8 @@ from cogportrait.curate.steps import (
 )
 from cogportrait.curate.text import TextDetector
 from cogportrait.curate.tracking import FaceTracker
-from cogportrait.io.atomic import AtomicParquetWriter, write_json
-from cogportrait.schema import CLIPS_SCHEMA, REJECTS_SCHEMA
+from cogportrait.io.atomic import write_json, write_table
+from cogportrait.schema import CLIP_FPS, CLIPS_SCHEMA, REJECTS_SCHEMA
 
 log = logging.getLogger("cogportrait.curate")
 
@@ -56,6 +73,18 @@ log = logging.getLogger("cogportrait.curate")
 # drain) even on a 1-CPU cluster, and at most ~2 heavy processes share a core.
 HEAVY_CPUS = 0.45
 LIGHT_CPUS = 0.05
+# every step gets one row (a video or a span) per call, as Arrow, and returns ROW_SCHEMA tables
+ROWS = {"batch_size": 1, "batch_format": "pyarrow"}
+
+
+def per_row(step):
+    """A Ray-free row step (row -> row, or row -> rows) as a batch function named after it."""
+
+    def run_step(batch: pa.Table, **kwargs) -> pa.Table:
+        return apply_step(step, batch, **kwargs)
+
+    run_step.__name__ = run_step.__qualname__ = step.__name__
+    return run_step
 
 
 class TrackFaces:
@@ -66,8 +95,8 @@ class TrackFaces:
         single_threaded()
         self.tracker = FaceTracker(cfg.face_min_confidence, cfg.min_face_px, cfg.multi_face_area_ratio)
 
-    def __call__(self, row: Row) -> list[Row]:
-        return track_step(row, self.cfg, self.tracker)
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return apply_step(track_step, batch, cfg=self.cfg, tracker=self.tracker)
 
 
 class DetectText:
@@ -77,8 +106,8 @@ class DetectText:
         self.cfg = cfg
         self.detector = TextDetector(cfg.text_det_side_px, threads=1)
 
-    def __call__(self, row: Row) -> Row:
-        return text_step(row, self.cfg, self.detector)
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return apply_step(text_step, batch, cfg=self.cfg, detector=self.detector)
 
 
 def run(cfg: CurateConfig) -> dict:
@@ -94,62 +123,57 @@ def run(cfg: CurateConfig) -> dict:
     n = cfg.num_workers
 
     heavy = n  # slots for each of the two heavy stages
-    ds = ray.data.from_items([new_row(r) for r in valid], override_num_blocks=max(1, len(valid)))
+    # one block per video, typed by ROW_SCHEMA from the start
+    ds = ray.data.from_arrow([rows_table([new_row(r)]) for r in valid] or [rows_table([])])
     # 1:1 video -> video; opens the file, decodes one frame                  (light)
-    ds = ds.map(probe_step, fn_kwargs={"cfg": cfg}, num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n))
+    ds = ds.map_batches(per_row(probe_step), fn_kwargs={"cfg": cfg}, **ROWS, num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n))
     # 1:N video -> shots, cut to 3-20 s; one full decode at 256 px          (heavy; Ray fuses it into the next actor)
-    ds = ds.flat_map(scenes_step, fn_kwargs={"cfg": cfg}, num_cpus=HEAVY_CPUS, compute=TaskPoolStrategy(size=heavy))
+    ds = ds.map_batches(per_row(scenes_step), fn_kwargs={"cfg": cfg}, **ROWS, num_cpus=HEAVY_CPUS, compute=TaskPoolStrategy(size=heavy))
     # 1:N shot -> face runs + rejected gaps; decode + MediaPipe at 5 Hz     (heavy actor: detector loaded once)
-    ds = ds.flat_map(TrackFaces, fn_constructor_kwargs={"cfg": cfg}, compute=ActorPoolStrategy(min_size=1, max_size=heavy), num_cpus=HEAVY_CPUS)
+    ds = ds.map_batches(TrackFaces, fn_constructor_kwargs={"cfg": cfg}, **ROWS, compute=ActorPoolStrategy(min_size=1, max_size=heavy), num_cpus=HEAVY_CPUS)
     # 1:1 span -> span; RapidOCR detection on 3 frames kept by the track pass (light actor: model loaded once)
-    ds = ds.map(DetectText, fn_constructor_kwargs={"cfg": cfg}, compute=ActorPoolStrategy(min_size=1, max_size=heavy), num_cpus=LIGHT_CPUS)
+    ds = ds.map_batches(DetectText, fn_constructor_kwargs={"cfg": cfg}, **ROWS, compute=ActorPoolStrategy(min_size=1, max_size=heavy), num_cpus=LIGHT_CPUS)
     # 1:1 span -> span; thresholds on sharpness, exposure, motion           (no decode)
-    ds = ds.map(filter_step, fn_kwargs={"cfg": cfg}, num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n))
+    ds = ds.map_batches(per_row(filter_step), fn_kwargs={"cfg": cfg}, **ROWS, num_cpus=LIGHT_CPUS, compute=TaskPoolStrategy(size=n))
     # 1:1 span -> clip; decode, crop, resample to 25 fps, x264; audio wav   (heavy)
-    ds = ds.map(crop_step, fn_kwargs={"cfg": cfg, "out_dir": str(out_dir)}, num_cpus=HEAVY_CPUS, compute=TaskPoolStrategy(size=heavy))
+    ds = ds.map_batches(per_row(crop_step), fn_kwargs={"cfg": cfg, "out_dir": str(out_dir)}, **ROWS, num_cpus=HEAVY_CPUS, compute=TaskPoolStrategy(size=heavy))
 
-    counts: Counter[str] = Counter()
+    # every count below comes from the rows themselves
+    counts: Counter[str] = Counter(f"manifest/{r.reason}" for r in manifest_rejects)
     timers = dict.fromkeys(STEP_TIMERS, 0.0)
     seconds_in: dict[str, float] = {}
     frames_in: dict[str, int] = {}
     seconds_out = 0.0
     kept: set[str] = set()
-    with (
-        AtomicParquetWriter(out_dir / "clips.parquet", CLIPS_SCHEMA) as clips_writer,
-        AtomicParquetWriter(out_dir / "rejects.parquet", REJECTS_SCHEMA) as rejects_writer,
-    ):
-        rejects_writer.write_rows(
-            [
-                {"video_id": r.video_id, "stage": "manifest", "reason": r.reason, "detail": r.detail,
-                 "manifest_row": r.manifest_row, "path": r.path}
-                for r in manifest_rejects
-            ]
-        )
-        counts.update(f"manifest/{r.reason}" for r in manifest_rejects)
-        clip_buf: list[Row] = []
-        reject_buf: list[Row] = []
-        for row in ds.iter_rows():
+    reject_recs: list[Row] = [
+        {"video_id": r.video_id, "stage": "manifest", "reason": r.reason, "detail": r.detail,
+         "manifest_row": r.manifest_row, "path": r.path}
+        for r in manifest_rejects
+    ]
+    clip_chunks: list[pa.Table] = []  # clip rows as Arrow (the crop track is the bulk), sorted at the end
+    clip_buf: list[Row] = []
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in batch.to_pylist():
             for key in STEP_TIMERS:
-                timers[key] += float(row[key])
+                timers[key] += row[key]
             if np.isfinite(row["duration_s"]):
-                seconds_in[row["video_id"]] = float(row["duration_s"])
-                frames_in[row["video_id"]] = int(row["n_src_frames"])
+                seconds_in[row["video_id"]] = row["duration_s"]
+                frames_in[row["video_id"]] = row["n_src_frames"]
             if rejected(row):
                 counts[f"{row['reject_stage']}/{row['reject_reason']}"] += 1
-                reject_buf.append(reject_record(row))
+                reject_recs.append(reject_record(row))
             else:
                 kept.add(row["clip_id"])
-                seconds_out += row["n_frames"] / 25.0
+                seconds_out += row["n_frames"] / CLIP_FPS
                 clip_buf.append(clip_record(row))
             if len(clip_buf) >= 256:
-                clips_writer.write_rows(clip_buf)
+                clip_chunks.append(pa.Table.from_pylist(clip_buf, schema=CLIPS_SCHEMA))
                 clip_buf = []
-            if len(reject_buf) >= 256:
-                rejects_writer.write_rows(reject_buf)
-                reject_buf = []
-        clips_writer.write_rows(clip_buf)
-        rejects_writer.write_rows(reject_buf)
-        n_clips, n_rejects = clips_writer.num_rows, rejects_writer.num_rows
+    clip_chunks.append(pa.Table.from_pylist(clip_buf, schema=CLIPS_SCHEMA))
+    clips = pa.concat_tables(clip_chunks).sort_by(CLIPS_SORT_KEYS).combine_chunks()
+    rejects = pa.Table.from_pylist(sorted(reject_recs, key=reject_sort_key), schema=REJECTS_SCHEMA)
+    n_clips = write_table(out_dir / "clips.parquet", clips, CLIPS_SCHEMA)
+    n_rejects = write_table(out_dir / "rejects.parquet", rejects, REJECTS_SCHEMA)
 
     removed = _remove_orphans(out_dir, kept)
     wall = time.perf_counter() - t_start
@@ -186,9 +210,3 @@ def _remove_orphans(out_dir: Path, kept: set[str]) -> int:
                 path.unlink()
                 removed += 1
     return removed
-
-
-if __name__ == "__main__":
-    from cogportrait.cli import main
-
-    raise SystemExit(main(["curate", *os.sys.argv[1:]]))

@@ -112,16 +112,13 @@ def _cache_key(path: str | Path) -> str:
     return f"{os.path.realpath(path)}|{st['size']}|{st['mtime_ns']}|{st['inode']}"
 
 
-def cached_fingerprint(path: str | Path, known: dict[str, int] | None = None, known_fp: str | None = None) -> str:
+def cached_fingerprint(path: str | Path) -> str:
     """The content fingerprint, recomputed only when the file was rewritten since it was last seen.
 
-    ``known``/``known_fp``: the stat and fingerprint recorded when the index was built. A rewrite
-    (even of one row) changes the file's size, mtime or inode, so an unchanged stat means unchanged
-    content; otherwise the content is hashed again (and remembered in a per-user cache, outside the
-    library, so DVC outputs are never touched).
+    A rewrite (even of one row) changes the file's size, mtime or inode, so an unchanged stat means
+    unchanged content; otherwise the content is hashed again and remembered in a per-user cache,
+    outside the library, so DVC outputs never hold a file's stat (or any other machine state).
     """
-    if known is not None and known_fp and known == file_stat(path):
-        return known_fp
     cache_file = _cache_path()
     key = _cache_key(path)
     cache: dict[str, str] = {}

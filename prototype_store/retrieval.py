@@ -121,10 +121,6 @@ class Intervals:
     hi: np.ndarray  # (17,)
     mask: np.ndarray  # (17,) bool
 
-    @property
-    def channels(self) -> list[str]:
-        return [CONTROL_CHANNELS[i] for i in np.flatnonzero(self.mask)]
-
 
 def to_intervals(targets: Mapping[str, object]) -> Intervals:
     """Turn {channel: value | [lo, hi] | "lo..hi"} into intervals, refusing unknown names."""
@@ -159,11 +155,6 @@ def to_intervals(targets: Mapping[str, object]) -> Intervals:
             j = CHANNEL_INDEX[member]
             lo[j], hi[j], mask[j] = a, b, True
     return Intervals(lo=lo, hi=hi, mask=mask)
-
-
-def feature_matrix(channel_mean: np.ndarray, channel_peak: np.ndarray) -> np.ndarray:
-    """Stack [mean, peak] (N x 34, native units)."""
-    return np.concatenate([np.asarray(channel_mean), np.asarray(channel_peak)], axis=1)
 
 
 @dataclass(frozen=True)

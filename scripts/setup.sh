@@ -8,6 +8,6 @@ command -v "$PY" >/dev/null || { echo "setup: $PY not found (Python 3.11 is requ
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 .venv/bin/python -m pip install -q -e ".[dev]"
-.venv/bin/python -m cogportrait.face.models --check
+.venv/bin/cogportrait models check
 .venv/bin/dvc config core.analytics false >/dev/null 2>&1 || true
 echo "setup: ok ($(.venv/bin/python --version))"

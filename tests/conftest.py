@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))  # bench/ is not an installed package: tests import bench.synthetic
 SAMPLE = REPO / "datasets" / "sample"
 SAMPLE_MANIFEST = SAMPLE / "manifest.csv"
 
@@ -37,7 +40,7 @@ os.environ.setdefault("COGPORTRAIT_CACHE_DIR", str(Path(__import__("tempfile").m
 @pytest.fixture(scope="session")
 def synthetic_upstream(tmp_path_factory) -> dict[str, Path]:
     """Synthetic clips/controls/events/frames tables with the upstream schemas (no Ray, ~1 s)."""
-    from prototype_store.synthetic import write_synthetic_upstream
+    from bench.synthetic import write_synthetic_upstream
 
     return write_synthetic_upstream(tmp_path_factory.mktemp("upstream"), n_clips=12, n_frames=150, seed=0)
 

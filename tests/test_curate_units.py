@@ -118,3 +118,65 @@ def test_config_validation_names_valid_choices():
 
 def test_clip_ids_are_deterministic():
     assert clip_id_for("v", 0, 75) == clip_id_for("v", 0, 75) != clip_id_for("v", 0, 76)
+
+
+def test_rows_carry_typed_columns_with_one_schema():
+    """A rejected row (empty lists) and a kept one give the same Arrow types: blocks share one schema."""
+    import pyarrow as pa
+
+    from cogportrait.curate.steps import ROW_DEFAULTS, ROW_SCHEMA, apply_step, new_row, reject, rows_table
+
+    assert ROW_SCHEMA.names == list(ROW_DEFAULTS)
+    empty = rows_table([reject(new_row({"video_id": "a", "manifest_row": 0}), "probe", "missing_file")])
+    kept = new_row({"video_id": "b", "manifest_row": 1})
+    kept.update(
+        times=np.arange(3, dtype=np.float64).tolist(), track_frames=[0, 2], track_boxes=[[1.0, 2.0, 3.0, 4.0]] * 2,
+        text_frames=[1], text_jpegs=[b"\xff\xd8"], crop_box=[0.0, 0.0, 10.0, 10.0], crop_track=[[5.0, 5.0, 10.0]] * 3,
+    )
+    full = rows_table([kept])
+    assert empty.schema.equals(ROW_SCHEMA) and full.schema.equals(ROW_SCHEMA)
+    assert ROW_SCHEMA.field("times").type == pa.list_(pa.float64())
+    assert ROW_SCHEMA.field("track_boxes").type == pa.list_(pa.list_(pa.float64(), 4))
+    back = full.to_pylist()[0]
+    assert back["track_frames"] == [0, 2] and back["track_boxes"][1] == [1.0, 2.0, 3.0, 4.0]
+    assert back["times"] == [0.0, 1.0, 2.0] and back["text_jpegs"] == [b"\xff\xd8"]
+    with pytest.raises(KeyError):
+        rows_table([{"video_id": "x"}])
+
+    def split(row: dict) -> list[dict]:  # a 1:N step
+        return [dict(row, scene_index=i) for i in range(3)]
+
+    out = apply_step(split, pa.concat_tables([empty, full]))
+    assert out.schema.equals(ROW_SCHEMA) and out.column("scene_index").to_pylist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_text_frames_round_trip_as_jpegs():
+    from cogportrait.curate.text import decode_frames, encode_frames
+
+    rng = np.random.default_rng(0)
+    frames = {12: np.full((32, 48, 3), 200, np.uint8), 3: rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)}
+    idx, jpegs = encode_frames(frames)
+    assert idx == [3, 12] and all(isinstance(j, bytes) for j in jpegs)
+    back = decode_frames(idx, jpegs)
+    assert sorted(back) == [3, 12] and back[12].shape == (32, 48, 3)
+    assert np.abs(back[12].astype(int) - 200).max() <= 2
+    assert encode_frames({}) == ([], []) and decode_frames([], []) == {}
+
+
+def test_reject_order_is_total_and_follows_the_manifest():
+    from cogportrait.curate.steps import reject_sort_key
+
+    def rec(row, stage, reason, start=None, end=None, start_s=None):
+        return {"video_id": f"v{row}", "stage": stage, "reason": reason, "detail": "", "manifest_row": row,
+                "path": "p", "start_frame": start, "end_frame": end, "start_s": start_s}
+
+    recs = [
+        rec(2, "face_track", "no_face", 75, 100, 3.0),
+        rec(2, "scenes", "too_short", 0, 75, 0.0),
+        {"video_id": "v0", "stage": "manifest", "reason": "duplicate_id", "detail": "", "manifest_row": 0, "path": "p"},
+        rec(1, "probe", "too_short", None, None, 0.0),
+        rec(2, "scenes", "decode_error", 300, 310, 12.0),
+    ]
+    ordered = sorted(recs, key=reject_sort_key)
+    assert [(r["manifest_row"], r.get("start_frame")) for r in ordered] == [(0, None), (1, None), (2, 0), (2, 75), (2, 300)]
+    assert sorted(reversed(recs), key=reject_sort_key) == ordered

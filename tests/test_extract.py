@@ -105,3 +105,74 @@ def test_mirrored_clip_keeps_the_subjects_left(edge_extracted, extracted_sample,
     yaw_o = list_column(orig, "head_pose", 3)[:60, 0]
     yaw_m = list_column(mir, "head_pose", 3)[:, 0]
     assert np.abs(yaw_m - yaw_o).mean() < 2.0  # mirrored yaw was negated back
+
+
+def test_rerun_into_a_new_folder_is_byte_identical(curated_sample, extracted_sample, tmp_path_factory, ray_session):
+    """Same clips, same config: byte-identical tables, whatever order Ray finished the clips in.
+    frames.parquet follows the input clips' order, frames ascending, one row group per clip."""
+    import hashlib
+
+    from cogportrait.config import ExtractConfig
+    from pipelines.extract import run
+
+    again = tmp_path_factory.mktemp("extracted_again")  # a sibling: relative clip paths are the same
+    run(ExtractConfig(clips=str(curated_sample / "clips.parquet"), out=str(again), num_workers=2))
+    for name in ("frames.parquet", "clips.parquet", "rejects.parquet"):
+        first = hashlib.sha256((extracted_sample / name).read_bytes()).hexdigest()
+        assert hashlib.sha256((again / name).read_bytes()).hexdigest() == first, name
+    order = pq.read_table(curated_sample / "clips.parquet", columns=["clip_id"]).column("clip_id").to_pylist()
+    assert pq.read_table(again / "clips.parquet", columns=["clip_id"]).column("clip_id").to_pylist() == order
+    pf = pq.ParquetFile(again / "frames.parquet")
+    assert pf.num_row_groups == len(order)
+    for i, cid in enumerate(order):
+        group = pf.read_row_group(i, columns=["clip_id", "frame"])
+        assert set(group.column("clip_id").to_pylist()) == {cid}
+        assert group.column("frame").to_pylist() == list(range(group.num_rows))
+
+
+def test_a_clip_that_breaks_after_probing_keeps_its_reason(curated_sample, tmp_path_factory, ray_session):
+    """A clip the probe accepted, then decoding fails in the landmark step: the reject carries that
+    step's VideoError (reason and detail), not a generic ``decode_error``."""
+    import pyarrow as pa
+
+    from conftest import SAMPLE, clip_ids_by_video
+    from media import truncated_faststart
+
+    from cogportrait.config import ExtractConfig
+    from cogportrait.io.atomic import write_table
+    from pipelines.extract import LandmarkClip, probe_clip, run
+
+    folder = tmp_path_factory.mktemp("broken_after_probe")
+    src = curated_sample / "clips" / f"{clip_ids_by_video(curated_sample / 'clips.parquet')['lp_d0'][0]}.mp4"
+    clip = folder / "clip.mp4"
+    clip.write_bytes(src.read_bytes())
+    row = {"index": 0, "clip_id": "clip", "abs_path": str(clip), "mirrored": False, "part_path": str(folder / "part.parquet"),
+           "reason": "", "detail": "", "n_src_frames": 0, "n_frames": 0, "n_face": 0}
+    probed = probe_clip(row)
+    assert probed["reason"] == "" and probed["n_src_frames"] > 0
+    clip.write_bytes(src.read_bytes()[: src.stat().st_size // 2])  # cut after probing: the index (at the end) is lost
+
+    step = LandmarkClip(ExtractConfig())
+    out = step(probed)
+    assert out["reason"] == "undecodable" and out["detail"].startswith("clip.mp4"), out
+    assert out["n_frames"] == 0 and not (folder / "part.parquet").exists()
+    clip.unlink()
+    gone = step(probed)  # deleted after probing
+    assert gone["reason"] == "missing_file" and "clip.mp4" in gone["detail"]
+    rejected = dict(probed, reason="no_frames", detail="from the probe")
+    assert step(rejected) == rejected  # a probe reject passes through untouched
+
+    # the whole job: a faststart file cut in half opens (its index is intact) and passes the
+    # probe, then breaks part-way through decoding in the landmark step
+    truncated_faststart(SAMPLE / "videos" / "lp_d0_man_greenscreen_gaze_blink.mp4", folder / "cut.mp4", keep=0.5)
+    rows = [{"clip_id": "cut", "video_id": "cut", "clip_path": "cut.mp4", "label": "edge case"}]
+    write_table(folder / "clips.parquet", pa.Table.from_pylist(rows, schema=CLIPS_SCHEMA), CLIPS_SCHEMA)
+    assert probe_clip(dict(row, abs_path=str(folder / "cut.mp4")))["reason"] == ""
+    out_dir = folder / "out"
+    run(ExtractConfig(clips=str(folder / "clips.parquet"), out=str(out_dir), num_workers=2))
+    rejects = pq.read_table(out_dir / "rejects.parquet").to_pylist()
+    assert [(r["video_id"], r["stage"], r["reason"]) for r in rejects] == [("cut", "extract", "decode_error")]
+    assert rejects[0]["detail"].startswith("cut.mp4 frame "), rejects[0]["detail"]  # the VideoError's own detail
+    assert pq.read_table(out_dir / "clips.parquet").num_rows == 0
+    assert pq.read_table(out_dir / "frames.parquet").num_rows == 0
+    assert json.loads((out_dir / "metrics.json").read_text())["rejects_by_reason"] == {"extract/decode_error": 1}

@@ -29,9 +29,9 @@ def test_blendshape_backend_maps_design_table():
 
 def test_unknown_or_unconfigured_backends_fail_clearly():
     with pytest.raises(AUBackendError, match="choose one of"):
-        make_backend("openface")
+        make_backend("openface", None, 0.5)
     with pytest.raises(AUBackendError, match="au_model_dir"):
-        make_backend("pyfeat")
+        make_backend("pyfeat", None, 0.5)
     with pytest.raises(ConfigError, match="choose one of"):
         ExtractConfig(au_backend="openface")
     with pytest.raises(ConfigError, match="au_model_dir"):
@@ -41,7 +41,7 @@ def test_unknown_or_unconfigured_backends_fail_clearly():
 @pytest.mark.skipif(importlib.util.find_spec("feat") is not None, reason="py-feat is installed")
 def test_pyfeat_backend_says_what_is_missing(tmp_path):
     with pytest.raises(AUBackendError, match="py-feat"):
-        make_backend("pyfeat", str(tmp_path))
+        make_backend("pyfeat", str(tmp_path), 0.5)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("feat") is None, reason="py-feat is not installed (optional backend)")
@@ -51,7 +51,7 @@ def test_pyfeat_backend_runs_from_a_local_model_dir(tmp_path):
     model_dir = os.environ.get("COGPORTRAIT_PYFEAT_MODELS")
     if not model_dir:
         pytest.skip("set COGPORTRAIT_PYFEAT_MODELS to a local py-feat model folder")
-    backend = make_backend("pyfeat", model_dir)
+    backend = make_backend("pyfeat", model_dir, 0.5)
     rgb = np.zeros((2, 256, 256, 3), dtype=np.uint8)
     au, gaze = backend.clip_proxies(np.zeros((2, 52), np.float32), None, np.array([False, False]), list(rgb))
     assert au.shape == (2, 10) and gaze.shape == (2, 4)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from cogportrait.cli import main
+from pipelines.cli import main
 from cogportrait.face.flame import FlameFitter, FlameModel, read_flame_pickle
 from cogportrait.schema import KEYPOINT_INDICES, keypoint_slice
 

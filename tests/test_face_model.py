@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.optimize import lsq_linear
 
-from cogportrait.face.inversion import InversionSettings, invert_clip, solve_box_ls, solve_frames
-from cogportrait.face.library import r2_by_group
+from cogportrait.config import InversionSettings
+from cogportrait.face.inversion import invert_clip, solve_box_ls, solve_frames
+from cogportrait.face.fitting import r2_by_group
 from cogportrait.face.mapping import Placement, canonical_keypoints, controls_to_keypoints
 from cogportrait.face.model import (
     N_DIMS,
@@ -116,7 +117,7 @@ def test_round_trip_with_pixel_noise(real):
     canon = normalise_points(px, r, np.tile(np.asarray(place.centre_px), (len(c), 1)), place.iod_px)
     lid = lid_features(canon)
     lid_above = np.stack([lid["lid_above_iris_left"], lid["lid_above_iris_right"]], axis=1)
-    back, err = invert_clip(canon, c[:, 14:], lid_above, model, base)
+    back, err = invert_clip(canon, c[:, 14:], lid_above, model, base, InversionSettings())
     mae = np.abs(back - c).mean(axis=0)
     for name, i in CHANNEL_INDEX.items():
         if name in ("yaw", "pitch", "roll"):

@@ -51,6 +51,7 @@ def test_similarity_align_recovers_a_transform():
 
 def test_blendshape_order_matches_mediapipe():
     """BLENDSHAPE_NAMES is MediaPipe's category order (checked against the model's output names)."""
+    from cogportrait.config import ExtractConfig
     from cogportrait.face.landmarker import VideoLandmarker
 
     from conftest import SAMPLE
@@ -60,7 +61,7 @@ def test_blendshape_order_matches_mediapipe():
     reader = decord.VideoReader(str(SAMPLE / "videos" / "lp_d0_man_greenscreen_gaze_blink.mp4"))
     import mediapipe as mp
 
-    with VideoLandmarker() as lm:
+    with VideoLandmarker(ExtractConfig()) as lm:
         image = mp.Image(image_format=mp.ImageFormat.SRGB, data=reader.next().asnumpy())
         result = lm._landmarker.detect_for_video(image, 1)
     assert tuple(c.category_name for c in result.face_blendshapes[0]) == BLENDSHAPE_NAMES

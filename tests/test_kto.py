@@ -9,7 +9,7 @@ import pytest
 from cogportrait.config import KtoConfig
 from cogportrait.io.atomic import write_table
 from cogportrait.behavior.kto import mine_clip, split_identities
-from cogportrait.schema import CHANNEL_INDEX as C, CLIPS_SCHEMA, CONTROLS_SCHEMA, KTO_SCHEMA, N_CHANNELS
+from cogportrait.schema import CHANNEL_INDEX as C, CLIPS_SCHEMA, CONTROLS_SCHEMA, EVENTS_SCHEMA, KTO_SCHEMA, N_CHANNELS
 
 FPS = 25
 CFG = KtoConfig()
@@ -60,9 +60,21 @@ def cats(windows):
     return {w.category for w in windows}
 
 
+def planted_events(c: np.ndarray, clip_id: str = "c") -> list[dict]:
+    """The blink events invert would report for the planted closures (mean AU45 above 0.5; end inclusive)."""
+    closed = np.r_[False, c[:, [C["AU45L"], C["AU45R"]]].mean(axis=1) > 0.5, False]
+    edges = np.flatnonzero(np.diff(closed.astype(int)))
+    return [{"clip_id": clip_id, "event_type": "blink", "start_frame": int(s), "end_frame": int(e) - 1, "apex_frame": int(s),
+             "eyes": "both", "peak": 0.8, "amplitude": 0.8} for s, e in zip(edges[::2], edges[1::2])]
+
+
+def mine(c: np.ndarray, cfg: KtoConfig = CFG):
+    return mine_clip(c, None, planted_events(c), cfg)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_calm_clips_give_nothing(seed):
-    assert mine_clip(calm(seed=seed), None, CFG) == []
+    assert mine(calm(seed=seed)) == []
 
 
 @pytest.mark.parametrize(
@@ -75,7 +87,7 @@ def test_calm_clips_give_nothing(seed):
     ],
 )
 def test_planted_boundary_cases_are_found(build, category):
-    windows = mine_clip(build(calm()), None, CFG)
+    windows = mine(build(calm()))
     assert cats(windows) == {category}
     for w in windows:
         assert 3 * FPS <= w.end_frame - w.start_frame <= 5 * FPS
@@ -86,19 +98,19 @@ def test_planted_boundary_cases_are_found(build, category):
 
 
 def test_details_and_near_misses():
-    head = mine_clip(with_head_turn(calm(), peak=-50.0), None, CFG)
+    head = mine(with_head_turn(calm(), peak=-50.0))
     assert "right" in head[0].prompt and head[0].detail["channel"] == "yaw"
-    assert mine_clip(with_head_turn(calm(), peak=35.0), None, CFG) == []  # below 40°
-    brow = mine_clip(with_asym_brow(calm(), side="R"), None, CFG)
+    assert mine(with_head_turn(calm(), peak=35.0)) == []  # below 40°
+    brow = mine(with_asym_brow(calm(), side="R"))
     assert brow[0].detail["side"] == "right"
     sym = calm()
     sym[50:65, [C["AU2L"], C["AU2R"]]] = 0.7  # both brows: not asymmetric
-    assert mine_clip(sym, None, CFG) == []
+    assert mine(sym) == []
     one_look = calm()
     one_look[40:80, C["gaze_left"]] = 0.5  # one look aside and back: not erratic
-    assert mine_clip(one_look, None, CFG) == []
-    assert mine_clip(with_rapid_blinks(calm(), count=3), None, CFG) == []  # too few
-    assert mine_clip(with_head_turn(calm(n=70), start=10), None, CFG) == []  # clip shorter than 3 s
+    assert mine(one_look) == []
+    assert mine(with_rapid_blinks(calm(), count=3)) == []  # too few
+    assert mine(with_head_turn(calm(n=70), start=10)) == []  # clip shorter than 3 s
 
 
 def test_identity_split_has_no_overlap():
@@ -114,16 +126,18 @@ def test_kto_job(ray_session, tmp_path):
     from pipelines.kto import run
 
     builders = [with_head_turn, with_asym_brow, with_erratic_gaze, with_rapid_blinks, lambda c: c, lambda c: c]
-    clips, controls = [], []
+    clips, controls, events = [], [], []
     for i, b in enumerate(builders):
         cid = f"clip{i}"
         ctrl = b(calm(seed=i))
+        events += planted_events(ctrl, cid)
         clips.append(dict(clip_id=cid, video_id=f"v{i}", clip_path=f"clips/{cid}.mp4", audio_path=f"audio/{cid}.wav",
                           has_audio=True, label="x", identity=f"person{i % 4}"))
         controls += [dict(clip_id=cid, frame=f, face_present=True, controls=ctrl[f].tolist(), residual_error=0.02)
                      for f in range(len(ctrl))]
     write_table(tmp_path / "curate" / "clips.parquet", clips, CLIPS_SCHEMA)
     write_table(tmp_path / "invert" / "controls.parquet", controls, CONTROLS_SCHEMA)
+    write_table(tmp_path / "invert" / "events.parquet", events, EVENTS_SCHEMA)
     metrics = run(KtoConfig(controls=str(tmp_path / "invert"), clips=str(tmp_path / "curate" / "clips.parquet"),
                             out=str(tmp_path / "kto"), test_fraction=0.25,
                             frames=str(tmp_path / "extract" / "frames.parquet")))  # not the repo's data/extract

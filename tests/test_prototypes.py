@@ -7,15 +7,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from cogportrait.config import PrototypesConfig
-from cogportrait.schema import CHANNEL_INDEX, N_CHANNELS, PROTOTYPES_SCHEMA
+from cogportrait.schema import CHANNEL_INDEX, N_CHANNELS, PROTOTYPE_FLAT_STAT_COLUMNS, PROTOTYPES_SCHEMA
 from prototype_store.fingerprint import parquet_fingerprint, stored_fingerprint
-from cogportrait.behavior.segment import ClipSignals, channel_stats, segment_clip
+from cogportrait.behavior.segment import ClipTrajectory, channel_stats, kept_prototypes, segment_clip
 
 
-def _clip(n=100, events=(), present=None) -> ClipSignals:
+def _clip(n=100, events=(), present=None) -> ClipTrajectory:
     rng = np.random.default_rng(0)
     c = rng.uniform(0, 0.1, size=(n, N_CHANNELS)).astype(np.float32)
-    return ClipSignals(
+    return ClipTrajectory(
         clip_id="c1", controls=c, present=np.ones(n, bool) if present is None else present,
         keypoints=rng.uniform(0, 1, size=(n, 62, 2)).astype(np.float32), residual=np.full(n, 0.02, np.float32),
         events=list(events), label="drowsiness", identity="p1", video_id="v1",
@@ -25,7 +25,8 @@ def _clip(n=100, events=(), present=None) -> ClipSignals:
 def test_event_prototypes_have_context_and_windows_carry_label():
     cfg = PrototypesConfig(context_pad_s=0.2, window_s=2.0, window_hop_s=1.0)
     ev = {"event_type": "blink", "start_frame": 40, "end_frame": 45, "apex_frame": 42, "eyes": "both"}
-    rows, dropped = segment_clip(_clip(events=[ev]), cfg)
+    rows, dropped = kept_prototypes(segment_clip(_clip(events=[ev]), cfg))
+    assert not dropped
     blinks = [r for r in rows if r["event_type"] == "blink"]
     assert len(blinks) == 1
     b = blinks[0]
@@ -33,11 +34,11 @@ def test_event_prototypes_have_context_and_windows_carry_label():
     windows = [r for r in rows if r["event_type"] == "window"]
     assert [w["start_frame"] for w in windows] == [0, 25, 50]
     assert all(w["T"] == 50 and w["label"] == "drowsiness" for w in rows if w["event_type"] == "window")
-    assert set(PROTOTYPES_SCHEMA.names) == set(b)
+    assert set(PROTOTYPES_SCHEMA.names) - set(PROTOTYPE_FLAT_STAT_COLUMNS) == set(b)  # flat stats: derived on write
     assert np.asarray(b["controls"]).shape == (16, N_CHANNELS)
     assert np.asarray(b["keypoints"]).shape == (16, 124)
     # deterministic ids
-    rows2, _ = segment_clip(_clip(events=[ev]), cfg)
+    rows2, _ = kept_prototypes(segment_clip(_clip(events=[ev]), cfg))
     assert [r["prototype_id"] for r in rows] == [r["prototype_id"] for r in rows2]
 
 
@@ -46,13 +47,13 @@ def test_long_events_truncated_and_flags():
     ev = {"event_type": "fixation", "start_frame": 0, "end_frame": 89, "apex_frame": 60, "eyes": ""}
     present = np.ones(100, bool)
     present[70:73] = False
-    rows, _ = segment_clip(_clip(events=[ev], present=present), cfg)
+    rows, _ = kept_prototypes(segment_clip(_clip(events=[ev], present=present), cfg))
     fix = [r for r in rows if r["event_type"] == "fixation"][0]
     assert fix["T"] == 25 + 2 * 5
     assert {"truncated", "face_gaps"} <= set(fix["quality_flags"])
     assert 0.9 < fix["face_coverage"] < 1.0
-    low = segment_clip(_clip(events=[ev], present=np.zeros(100, bool)), cfg)[0]
-    assert low == []
+    low, dropped = kept_prototypes(segment_clip(_clip(events=[ev], present=np.zeros(100, bool)), cfg))
+    assert low == [] and dropped["low_face_coverage"] > 0  # every candidate ends as a row: dropped, with its reason
 
 
 def test_channel_peak_keeps_sign_of_head_angles():

@@ -13,7 +13,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from cogportrait.config import IndexConfig
-from cogportrait.schema import CHANNEL_INDEX, CONTROL_CHANNELS, N_CHANNELS, PROTOTYPES_SCHEMA
+from bench.synthetic import perturb_prototypes
+from cogportrait.schema import (
+    CHANNEL_INDEX,
+    CONTROL_CHANNELS,
+    HEAD_ANGLE_SCALE_DEG,
+    HEAD_CHANNELS,
+    N_CHANNELS,
+    PROTOTYPES_SCHEMA,
+)
 from prototype_store import (
     EmptyLibraryError,
     PrototypeStore,
@@ -24,8 +32,7 @@ from prototype_store import (
     write_prototypes,
 )
 from prototype_store.retrieval import brute_force, feature_weights
-from prototype_store.store import sample_queries
-from prototype_store.synthetic import perturb_prototypes
+from prototype_store.index import FaissSearch, sample_queries
 
 
 def _oracle(table: pa.Table, targets, fweights, k, keep=None):
@@ -89,12 +96,10 @@ def test_scan_with_many_ties_equals_brute_force(sample_library, tmp_path):
 
 @pytest.mark.parametrize(
     "lib_fixture, search",
-    [("sample_library", "scan"), ("sample_library", "walk"), ("sample_library", "index"),
-     ("small_candidates_library", "index")],
+    [("sample_library", "scan"), ("sample_library", "walk")],
 )
 def test_exact_index_equals_brute_force(lib_fixture, search, request):
-    """Every exact path (column scan; sorted walk; FAISS flat L1 + certificate, fetching in rounds)
-    equals Eq. 3."""
+    """Every search path of the store (column scan; sorted walk) equals Eq. 3, filters included."""
     lib = request.getfixturevalue(lib_fixture)
     store = PrototypeStore.open(lib, search=search)
     assert store.meta["kind"] == "flat_l1"
@@ -121,6 +126,25 @@ def test_exact_index_equals_brute_force(lib_fixture, search, request):
         assert [m.prototype_id for m in got] == [table.column("prototype_id")[int(p)].as_py() for p in pos], targets
         np.testing.assert_allclose([m.distance for m in got], dist, rtol=1e-6, atol=1e-7)
         assert all(a <= b for a, b in zip([m.distance for m in got], [m.distance for m in got][1:]))
+
+
+@pytest.mark.parametrize("lib_fixture", ["sample_library", "small_candidates_library"])
+def test_faiss_flat_index_with_certificate_equals_brute_force(lib_fixture, request):
+    """The FAISS flat L1 index with the certificate (index.py; with min_candidates=1 it fetches in
+    rounds) equals Eq. 3: the loop that IVF's nprobe tuning relies on."""
+    lib = request.getfixturevalue(lib_fixture)
+    flat = FaissSearch.open(lib)
+    store = PrototypeStore.open(lib, search="scan")
+    assert store.meta["kind"] == "flat_l1"
+    table = pq.read_table(lib / "prototypes.parquet", columns=["prototype_id", "channel_mean", "channel_max"])
+    fw = _fw(store)
+    rng = np.random.default_rng(3)
+    for targets in sample_queries(store.features, 120, seed=11):
+        k = int(rng.integers(1, 8))
+        pos, dist = flat.query(targets, k)
+        want_pos, want_dist = _oracle(table, targets, fw, k)
+        assert pos.tolist() == want_pos.tolist(), targets
+        np.testing.assert_allclose(dist, want_dist, rtol=1e-6, atol=1e-7)
 
 
 def test_range_targets_use_interval_distance(sample_library):
@@ -151,7 +175,7 @@ def test_head_angles_scaled_and_aliases(sample_library):
     gap = lambda x: max(0.0, -12 - x, x + 5)  # noqa: E731
     expected = (fw[j] * gap(m.channel_mean[j]) + fw[N_CHANNELS + j] * gap(m.channel_max[j]))
     assert m.distance == pytest.approx(expected, abs=1e-6)
-    assert fw[j] == pytest.approx(fw[0] * 0.25 / 30.0)  # head weight after the /30° scale
+    assert fw[j] == pytest.approx(fw[0] * 0.25 / HEAD_ANGLE_SCALE_DEG)  # head weight after the /30° scale
     both = store.query({"AU4": [0.1, 0.2]}, k=4, arrays=False)
     split = store.query({"AU4L": [0.1, 0.2], "AU4R": [0.1, 0.2]}, k=4, arrays=False)
     assert [x.prototype_id for x in both] == [x.prototype_id for x in split]
@@ -239,13 +263,14 @@ def test_ivf_on_the_real_sample_library_within_measured_recall(sample_library, t
     shutil.copy(sample_library / "prototypes.parquet", tmp_path / "prototypes.parquet")
     meta = build_index(tmp_path, IndexConfig(ivf_threshold=1, recall_queries=100))
     assert meta["kind"] == "ivf_flat_l1" and meta["recall_at_5"] >= 0.95
-    store = PrototypeStore.open(tmp_path, search="index")
+    ivf = FaissSearch.open(tmp_path)
+    store = PrototypeStore.open(tmp_path, search="scan")
     table = pq.read_table(tmp_path / "prototypes.parquet", columns=["prototype_id", "channel_mean", "channel_max"])
     hits = total = 0
     for targets in sample_queries(store.features, 100, seed=77):
-        got = store.query(targets, k=5, arrays=False)
+        _, got = ivf.query(targets, 5)
         _, dist = _oracle(table, targets, _fw(store), 5)
-        hits += sum(m.distance <= dist[-1] + 1e-9 for m in got)
+        hits += sum(d <= dist[-1] + 1e-9 for d in got)
         total += 5
     assert hits / total >= meta["recall_at_5"] - 0.05
 
@@ -256,18 +281,19 @@ def test_ivf_within_measured_recall(sample_library, tmp_path):
     meta = build_index(tmp_path, IndexConfig(ivf_threshold=1000, recall_queries=100))
     assert meta["kind"] == "ivf_flat_l1" and 0 < meta["nprobe"] <= meta["nlist"]
     assert meta["recall_at_5"] >= 0.95
-    store = PrototypeStore.open(tmp_path, search="index")
+    ivf = FaissSearch.open(tmp_path)
+    store = PrototypeStore.open(tmp_path, search="scan")
     table = pq.read_table(tmp_path / "prototypes.parquet", columns=["prototype_id", "channel_mean", "channel_max"])
     fw = _fw(store)
     hits = total = 0
     for targets in sample_queries(store.features, 100, seed=99):
-        got = store.query(targets, k=5, arrays=False)
+        _, got = ivf.query(targets, 5)
         _, dist = _oracle(table, targets, fw, 5)
         assert len(got) == 5
-        hits += sum(m.distance <= dist[-1] + 1e-9 for m in got)
+        hits += sum(d <= dist[-1] + 1e-9 for d in got)
         total += 5
         # every returned distance is exact (re-ranked), never below the true optimum
-        assert got[0].distance >= dist[0] - 1e-9
+        assert got[0] >= dist[0] - 1e-9
     assert hits / total >= meta["recall_at_5"] - 0.05
     # the default (auto) search scans this size exactly
     exact = PrototypeStore.open(tmp_path)
@@ -288,11 +314,11 @@ def test_channels_vocabulary_unchanged():
 def test_cli_query_json_stats_show(sample_library, tmp_path, capsys):
     import json
 
-    from cogportrait.cli import main
+    from pipelines.cli import main
 
     store = PrototypeStore.open(sample_library)
     proc = subprocess.run(
-        [sys.executable, "-m", "cogportrait.cli", "library", "query", "--library", str(sample_library),
+        [sys.executable, "-m", "pipelines.cli", "library", "query", "--library", str(sample_library),
          "--label", store.labels[0], "--target", "AU45L=0.6..1.0", "--target", "pitch=-12..-5", "-k", "5", "--json"],
         capture_output=True, text=True,
     )
@@ -335,8 +361,8 @@ def _tied_features(n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     f = np.empty((n, 2 * N_CHANNELS))
     for j in range(N_CHANNELS):
-        head = CONTROL_CHANNELS[j] in ("yaw", "pitch", "roll")
-        scale = 30.0 if head else 1.0
+        head = CONTROL_CHANNELS[j] in HEAD_CHANNELS
+        scale = HEAD_ANGLE_SCALE_DEG if head else 1.0
         base = rng.normal(0.2, 0.25, n) * scale
         if j % 3 == 0:  # a coarse grid: many exact ties
             base = np.round(base * 8 / scale) * scale / 8
@@ -354,7 +380,7 @@ def _random_targets(features: np.ndarray, rng: np.random.Generator) -> dict:
     targets: dict = {}
     for j in rng.choice(N_CHANNELS, size=int(rng.integers(1, 7)), replace=False):
         name = CONTROL_CHANNELS[j]
-        scale = 30.0 if name in ("yaw", "pitch", "roll") else 1.0
+        scale = HEAD_ANGLE_SCALE_DEG if name in HEAD_CHANNELS else 1.0
         kind = rng.integers(5)
         v = float(features[rng.integers(len(features)), j])
         if kind == 0:
@@ -418,6 +444,8 @@ def test_walk_is_the_default_for_large_libraries(sample_library, tmp_path):
     assert small._walker is None
     scan = PrototypeStore.open(sample_library, search="scan")
     tight = PrototypeStore.open(sample_library, search="walk", walk_max_fraction=0.0)  # always hands over
+    with pytest.raises(ValueError, match="search"):
+        PrototypeStore.open(sample_library, search="index")  # FAISS is built and measured, never queried
     for i, targets in enumerate(sample_queries(auto.features, 40, seed=5)):
         kwargs = {"label": auto.labels[i % len(auto.labels)]} if i % 2 else {}
         ref = [(m.prototype_id, m.distance) for m in scan.query(targets, k=6, arrays=False, **kwargs)]

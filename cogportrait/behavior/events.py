@@ -9,13 +9,13 @@ not split one event into many.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
 from cogportrait.config import EventsConfig
-from cogportrait.face.inversion import interpolate_gaps
 from cogportrait.schema import CHANNEL_INDEX, CLIP_FPS, EVENT_TYPES
+from cogportrait.timeseries import fill_gaps
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def eye_closures(aperture: np.ndarray, au45: np.ndarray, cfg: EventsConfig, fps:
     score below ``wink_other_max`` throughout); otherwise the closure counts for both eyes.
     """
     scores = np.stack([closure_scores(aperture[:, e], au45[:, e], cfg) for e in range(2)], axis=1)
-    filled = np.stack([interpolate_gaps(scores[:, 0]), interpolate_gaps(scores[:, 1])], axis=1)
+    filled = np.stack([fill_gaps(scores[:, 0]), fill_gaps(scores[:, 1])], axis=1)
     per_eye = [(s, e, side) for k, side in enumerate(("left", "right")) for s, e in hysteresis(filled[:, k], cfg.closure_on, cfg.closure_off)]
     events = []
     baseline = np.nanmedian(filled, axis=0) if len(filled) else np.zeros(2)
@@ -117,7 +117,7 @@ def excursions(
     signal: np.ndarray, on: float, off: float, min_len: int, kind: str, eyes: str = "", signed: bool = False
 ) -> list[Event]:
     """Intervals where a channel rises above its clip median by ``on`` (|deviation| if signed)."""
-    x = interpolate_gaps(signal)
+    x = fill_gaps(signal)
     if len(x) == 0:
         return []
     dev = x - np.median(x)
@@ -143,7 +143,7 @@ def sided(left: np.ndarray, right: np.ndarray, on: float, off: float, min_len: i
 
 def gaze_events(gaze_hv: np.ndarray, closed: np.ndarray, cfg: EventsConfig, fps: int = CLIP_FPS) -> list[Event]:
     """Saccades (gaze speed above a clip-relative threshold) and the fixations between them."""
-    g = np.stack([interpolate_gaps(gaze_hv[:, 0]), interpolate_gaps(gaze_hv[:, 1])], axis=1)
+    g = np.stack([fill_gaps(gaze_hv[:, 0]), fill_gaps(gaze_hv[:, 1])], axis=1)
     t = len(g)
     if t < 2:
         return []
@@ -225,12 +225,26 @@ def _absolute_excursions(x: np.ndarray, on: float, off: float, min_len: int) -> 
     return out
 
 
-def event_rows(clip_id: str, frames: np.ndarray, events: list[Event]) -> list[dict]:
-    """EVENTS_SCHEMA rows; positions are mapped to the clip's frame numbers."""
-    rows = []
-    for ev in events:
-        row = asdict(ev)
-        for key in ("start_frame", "end_frame", "apex_frame"):
-            row[key] = int(frames[row[key]])
-        rows.append({"clip_id": clip_id, **row})
-    return rows
+EYE_SIDES: tuple[str, ...] = ("", "both", "left", "right")  # Event.eyes values
+
+
+def event_columns(frames: np.ndarray, events: list[Event]) -> dict[str, np.ndarray]:
+    """One clip's events as typed arrays (for a Ray row): type and eyes as indices into
+    EVENT_TYPES / EYE_SIDES, positions mapped to the clip's frame numbers."""
+    frames = np.asarray(frames, dtype=np.int64)
+    return {
+        "event_type": np.array([EVENT_TYPES.index(e.event_type) for e in events], dtype=np.int16),
+        "event_eyes": np.array([EYE_SIDES.index(e.eyes) for e in events], dtype=np.int16),
+        "event_frames": np.array([[frames[e.start_frame], frames[e.end_frame], frames[e.apex_frame]] for e in events],
+                                 dtype=np.int64).reshape(-1, 3),
+        "event_values": np.array([[e.peak, e.amplitude] for e in events], dtype=np.float32).reshape(-1, 2),
+    }
+
+
+def event_rows(clip_id: str, columns: dict[str, np.ndarray]) -> list[dict]:
+    """EVENTS_SCHEMA rows from ``event_columns``."""
+    return [
+        {"clip_id": clip_id, "event_type": EVENT_TYPES[int(t)], "start_frame": int(f[0]), "end_frame": int(f[1]),
+         "apex_frame": int(f[2]), "eyes": EYE_SIDES[int(y)], "peak": float(v[0]), "amplitude": float(v[1])}
+        for t, y, f, v in zip(columns["event_type"], columns["event_eyes"], columns["event_frames"], columns["event_values"])
+    ]

@@ -14,9 +14,9 @@ Why each rule (thresholds live in ``params.yaml`` section ``kto_mine``):
   on the signal smoothed over ``gaze_smooth_frames``), ``gaze_min_reversals`` of them reversing
   direction: drift that wanders back and forth, not one look to the side. On the sample clips,
   talking heads make 0-2 such legs per 4 s, the deliberate gaze-shift clip 5.
-* rapid_blink: at least ``blink_min_count`` blinks (closures < ``blink_max_s``, hysteresis on AU45
-  relative to the clip's rest) with a median inter-blink interval below ``blink_max_interval_s``;
-  people at rest blink about every 3-4 s.
+* rapid_blink: at least ``blink_min_count`` blinks (invert's ``blink`` events, the one blink
+  detector: closures shorter than ``events.blink_max_s``) with a median inter-blink interval below
+  ``blink_max_interval_s``; people at rest blink about every 3-4 s.
 
 Pure numpy; ``pipelines/kto.py`` maps ``mine_clip`` over clips with Ray.
 """
@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from cogportrait.config import KtoConfig
-from cogportrait.schema import CHANNEL_INDEX, CLIP_FPS, KTO_CATEGORIES, make_id
+from cogportrait.schema import CHANNEL_INDEX, CLIP_FPS, EYE_CLOSURE_EVENTS, KTO_CATEGORIES, make_id
+from cogportrait.timeseries import moving_average
 
 C = CHANNEL_INDEX
 
@@ -48,14 +49,6 @@ class MinedWindow:
 def _rest(x: np.ndarray, present: np.ndarray) -> float:
     v = x[present]
     return float(np.median(v)) if v.size else 0.0
-
-
-def _smooth(x: np.ndarray, n: int) -> np.ndarray:
-    if n <= 1 or len(x) < n:
-        return x.astype(np.float64)
-    kernel = np.ones(n) / n
-    pad = np.pad(x.astype(np.float64), (n // 2, n - 1 - n // 2), mode="edge")
-    return np.convolve(pad, kernel, mode="valid")
 
 
 def head_hits(controls: np.ndarray, cfg: KtoConfig) -> np.ndarray:
@@ -112,31 +105,26 @@ def zigzag_legs(x: np.ndarray, amp: float) -> list[tuple[int, float]]:
 
 def gaze_legs(controls: np.ndarray, cfg: KtoConfig) -> list[tuple[int, float, str]]:
     """Zig-zag legs of the horizontal and vertical gaze point: (frame, amplitude, axis)."""
-    h = _smooth(controls[:, C["gaze_left"]] - controls[:, C["gaze_right"]], cfg.gaze_smooth_frames)
-    v = _smooth(controls[:, C["gaze_up"]] - controls[:, C["gaze_down"]], cfg.gaze_smooth_frames)
+    h = moving_average(controls[:, C["gaze_left"]] - controls[:, C["gaze_right"]], cfg.gaze_smooth_frames)
+    v = moving_average(controls[:, C["gaze_up"]] - controls[:, C["gaze_down"]], cfg.gaze_smooth_frames)
     legs = [(t, a, "h") for t, a in zigzag_legs(h, cfg.gaze_shift_amp)]
     if cfg.gaze_vertical:
         legs += [(t, a, "v") for t, a in zigzag_legs(v, cfg.gaze_shift_amp)]
     return sorted(legs)
 
 
-def blinks(controls: np.ndarray, present: np.ndarray, cfg: KtoConfig, fps: int = CLIP_FPS) -> list[tuple[int, int]]:
-    """Closures (start, end exclusive) shorter than blink_max_s, by hysteresis on mean AU45."""
-    a = 0.5 * (controls[:, C["AU45L"]] + controls[:, C["AU45R"]])
-    rest = _rest(a, present)
-    rise, fall = rest + cfg.blink_rise, rest + cfg.blink_fall
-    out: list[tuple[int, int]] = []
-    closed, start = False, 0
-    for t, x in enumerate(a):
-        if not closed and x >= rise and present[t]:
-            closed, start = True, t
-            while start > 0 and a[start - 1] >= fall:
-                start -= 1
-        elif closed and x < fall:
-            closed = False
-            if t - start <= cfg.blink_max_s * fps:
-                out.append((start, t))
-    return out
+def blink_spans(events: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """Blinks (start, end exclusive) from the clip's events (invert's one blink detector)."""
+    return sorted((int(e["start_frame"]), int(e["end_frame"]) + 1) for e in events if e["event_type"] == "blink")
+
+
+def closed_frames(events: list[dict[str, Any]], n: int) -> np.ndarray:
+    """Frames inside any eye closure event (blink, wink, prolonged closure)."""
+    closed = np.zeros(n, dtype=bool)
+    for e in events:
+        if e["event_type"] in EYE_CLOSURE_EVENTS:
+            closed[int(e["start_frame"]) : int(e["end_frame"]) + 1] = True
+    return closed
 
 
 def _prompt(category: str, detail: dict[str, Any]) -> str:
@@ -159,13 +147,10 @@ def _prompt(category: str, detail: dict[str, Any]) -> str:
     raise ValueError(f"unknown KTO category {category!r}; known: {', '.join(KTO_CATEGORIES)}")
 
 
-def _reference_frame(controls: np.ndarray, present: np.ndarray, s: int, e: int, cfg: KtoConfig) -> int:
+def _reference_frame(controls: np.ndarray, present: np.ndarray, closed: np.ndarray, s: int, e: int) -> int:
     """The most frontal, eyes-open frame of the window (the reference portrait for generation)."""
-    seg = controls[s:e]
-    a = 0.5 * (seg[:, C["AU45L"]] + seg[:, C["AU45R"]])
-    rest = _rest(0.5 * (controls[:, C["AU45L"]] + controls[:, C["AU45R"]]), present)
-    cost = np.abs(seg[:, [C["yaw"], C["pitch"], C["roll"]]]).sum(axis=1)
-    cost = cost + 1e3 * (a > rest + cfg.blink_fall) + 1e4 * (~present[s:e])
+    cost = np.abs(controls[s:e, [C["yaw"], C["pitch"], C["roll"]]]).sum(axis=1)
+    cost = cost + 1e3 * closed[s:e] + 1e4 * (~present[s:e])
     return s + int(np.argmin(cost))
 
 
@@ -211,9 +196,13 @@ def _window_detail(category: str, controls: np.ndarray, present: np.ndarray, s: 
     raise ValueError(f"unknown KTO category {category!r}; known: {', '.join(KTO_CATEGORIES)}")
 
 
-def mine_clip(controls: np.ndarray, present: np.ndarray | None, cfg: KtoConfig, fps: int = CLIP_FPS,
-              categories: tuple[str, ...] = KTO_CATEGORIES) -> list[MinedWindow]:
-    """Desirable boundary-case windows of one clip, non-overlapping (<= max_overlap) per category."""
+def mine_clip(controls: np.ndarray, present: np.ndarray | None, events: list[dict[str, Any]], cfg: KtoConfig,
+              fps: int = CLIP_FPS, categories: tuple[str, ...] = KTO_CATEGORIES) -> list[MinedWindow]:
+    """Desirable boundary-case windows of one clip, non-overlapping (<= max_overlap) per category.
+
+    ``events`` are the clip's rows of events.parquet (frame numbers of the clip): blinks and eye
+    closures are read there, never re-detected.
+    """
     controls = np.nan_to_num(np.asarray(controls, dtype=np.float64))
     n = len(controls)
     present = np.ones(n, dtype=bool) if present is None else np.asarray(present, dtype=bool)
@@ -229,8 +218,9 @@ def mine_clip(controls: np.ndarray, present: np.ndarray | None, cfg: KtoConfig, 
         "head_ratio": head_hits(controls, cfg),
         "brow": brow_asymmetry(controls, present, cfg),
         "gaze": gaze_legs(controls, cfg),
-        "blinks": blinks(controls, present, cfg, fps),
+        "blinks": blink_spans(events),
     }
+    closed = closed_frames(events, n)
     out: list[MinedWindow] = []
     for category in categories:
         found = []
@@ -246,7 +236,7 @@ def mine_clip(controls: np.ndarray, present: np.ndarray | None, cfg: KtoConfig, 
             if any(min(e, ce) - max(s, cs) > cfg.max_overlap * w for cs, ce in chosen):
                 continue
             chosen.append((s, e))
-            out.append(MinedWindow(category, s, e, score, _reference_frame(controls, present, s, e, cfg),
+            out.append(MinedWindow(category, s, e, score, _reference_frame(controls, present, closed, s, e),
                                    _prompt(category, detail), detail))
     return sorted(out, key=lambda m: (m.category, m.start_frame))
 

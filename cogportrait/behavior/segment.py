@@ -12,6 +12,7 @@ Pure numpy; the Ray job in ``pipelines/prototypes.py`` maps this over clips.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,12 +29,13 @@ from cogportrait.schema import (
     PROTOTYPE_WINDOW_EVENT,
     make_id,
 )
+from cogportrait.timeseries import fill_gaps
 
 HEAD_IDX = np.array([CHANNEL_INDEX[c] for c in HEAD_CHANNELS])
 
 
 @dataclass
-class ClipSignals:
+class ClipTrajectory:
     """Everything segmentation needs from one clip, frame-aligned at 25 fps."""
 
     clip_id: str
@@ -61,21 +63,7 @@ def channel_stats(controls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), peak.astype(np.float32)
 
 
-def fill_gaps(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Linear interpolation over invalid rows (edges hold the nearest valid row)."""
-    values = np.array(values, dtype=np.float32, copy=True)
-    valid = np.asarray(valid, dtype=bool)
-    if valid.all() or not valid.any():
-        return values
-    t = np.arange(len(values))
-    flat = values.reshape(len(values), -1)
-    good = np.flatnonzero(valid)
-    for j in range(flat.shape[1]):
-        flat[:, j] = np.interp(t, good, flat[good, j])
-    return flat.reshape(values.shape)
-
-
-def _spans(clip: ClipSignals, cfg: PrototypesConfig, fps: int) -> list[tuple[str, str, int, int, list[str]]]:
+def _spans(clip: ClipTrajectory, cfg: PrototypesConfig, fps: int) -> list[tuple[str, str, int, int, list[str]]]:
     """(event_type, eyes, start, end exclusive, flags) of every candidate prototype."""
     n = len(clip.controls)
     pad = int(round(cfg.context_pad_s * fps))
@@ -108,12 +96,13 @@ def _spans(clip: ClipSignals, cfg: PrototypesConfig, fps: int) -> list[tuple[str
     return out
 
 
-def segment_clip(clip: ClipSignals, cfg: PrototypesConfig, fps: int = CLIP_FPS) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Prototype rows (PROTOTYPES_SCHEMA) of one clip, and counts of what was dropped and why."""
-    dropped = {"short": 0, "low_face_coverage": 0, "duplicate": 0}
+def segment_clip(clip: ClipTrajectory, cfg: PrototypesConfig, fps: int = CLIP_FPS) -> list[dict[str, Any]]:
+    """Every candidate span of one clip as a PROTOTYPE_CANDIDATES_SCHEMA row: the prototypes
+    (``drop_reason`` None; the flat stat columns are derived when the table is written) and the
+    dropped candidates with their reason (ids and span only), so that counts come from the rows."""
     n = len(clip.controls)
     if n == 0:
-        return [], dropped
+        return []
     present = np.asarray(clip.present, dtype=bool) & np.isfinite(clip.controls).all(axis=1)
     controls = fill_gaps(np.nan_to_num(clip.controls, nan=0.0), present)
     if clip.keypoints is not None and len(clip.keypoints) == n:
@@ -127,16 +116,13 @@ def segment_clip(clip: ClipSignals, cfg: PrototypesConfig, fps: int = CLIP_FPS) 
     seen: set[str] = set()
     for event_type, eyes, s, e, flags in _spans(clip, cfg, fps):
         length = e - s
-        if length < cfg.min_frames:
-            dropped["short"] += 1
-            continue
-        coverage = float(present[s:e].mean())
-        if coverage < cfg.min_face_coverage:
-            dropped["low_face_coverage"] += 1
-            continue
         pid = make_id("prototype", clip.clip_id, event_type, eyes, s, e)
-        if pid in seen:
-            dropped["duplicate"] += 1
+        coverage = float(present[s:e].mean()) if length else 0.0
+        reason = ("short" if length < cfg.min_frames else "low_face_coverage" if coverage < cfg.min_face_coverage
+                  else "duplicate" if pid in seen else None)
+        if reason is not None:
+            rows.append({"prototype_id": pid, "event_type": event_type, "clip_id": clip.clip_id, "start_frame": s,
+                         "end_frame": e, "T": length, "drop_reason": reason})
             continue
         seen.add(pid)
         flags = list(flags)
@@ -168,11 +154,16 @@ def segment_clip(clip: ClipSignals, cfg: PrototypesConfig, fps: int = CLIP_FPS) 
                 "face_coverage": coverage,
                 "mean_residual_error": mean_res,
                 "quality_flags": sorted(set(flags)),
-                **{f"mean_{name}": float(mean[j]) for j, name in enumerate(CONTROL_CHANNELS)},
-                **{f"peak_{name}": float(peak[j]) for j, name in enumerate(CONTROL_CHANNELS)},
+                "drop_reason": None,
             }
         )
-    return rows, dropped
+    return rows
+
+
+def kept_prototypes(candidates: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """Split segment_clip's candidates into prototype rows and counts of the dropped ones by reason."""
+    kept = [{k: v for k, v in r.items() if k != "drop_reason"} for r in candidates if r["drop_reason"] is None]
+    return kept, Counter(r["drop_reason"] for r in candidates if r["drop_reason"] is not None)
 
 
 assert N_CHANNELS == 17

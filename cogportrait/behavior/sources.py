@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from cogportrait.schema import N_CHANNELS, N_KEYPOINTS
-from cogportrait.behavior.segment import ClipSignals
+from cogportrait.schema import N_CHANNELS, N_KEYPOINTS, identity_key
+from cogportrait.behavior.segment import ClipTrajectory
 
 log = logging.getLogger("cogportrait.prototype_store")
 
@@ -58,18 +58,9 @@ def read_clip_meta(clips_path: str | Path | None) -> dict[str, dict[str, Any]]:
     return out
 
 
-def fallback_identity(meta: dict[str, Any]) -> str | None:
-    """A clip without a stated identity is its own source video's person (never merged across videos)."""
-    ident = meta.get("identity")
-    if ident and ident != "unknown":
-        return ident
-    vid = meta.get("video_id")
-    return f"video:{vid}" if vid else None
-
-
 def load_clip(
     controls_dir: str | Path, clip_id: str, meta: dict[str, Any] | None = None, frames: str | Path | None = None
-) -> ClipSignals:
+) -> ClipTrajectory:
     """Frame-aligned controls, presence, residuals, keypoints (x, y) and events of one clip."""
     paths = upstream_paths(controls_dir, frames)
     flt = [("clip_id", "=", clip_id)]
@@ -99,7 +90,7 @@ def load_clip(
         et = pq.read_table(paths["events"], filters=flt)
         events = sorted(et.to_pylist(), key=lambda e: (e["start_frame"], e["event_type"]))
     meta = meta or {}
-    return ClipSignals(
+    return ClipTrajectory(
         clip_id=clip_id,
         controls=controls,
         present=present,
@@ -107,6 +98,24 @@ def load_clip(
         residual=residual,
         events=events,
         label=meta.get("label"),
-        identity=fallback_identity({**meta, "video_id": meta.get("video_id")}) if meta else None,
+        identity=identity_key(meta.get("identity"), clip_id),
         video_id=meta.get("video_id"),
     )
+
+
+def clip_rows(ids: list[str], meta: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The input rows of the per-clip Ray jobs (prototypes, kto_mine): a clip id and curate's metadata
+    as typed columns (strings "" where absent: every row has the same Arrow types)."""
+    text = [k for k in CLIP_META_COLUMNS if k not in ("clip_id", "has_audio")]
+    return [
+        {"clip_id": c, **{k: str(meta.get(c, {}).get(k) or "") for k in text},
+         "has_audio": bool(meta.get(c, {}).get("has_audio", False)), "has_meta": c in meta}
+        for c in ids
+    ]
+
+
+def clip_meta(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The metadata dict of a ``clip_rows`` row again (None where the clip had none)."""
+    if not row["has_meta"]:
+        return None
+    return {k: (v if v != "" else None) for k, v in row.items() if k != "has_meta"}

@@ -7,10 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cogportrait.config import FALSE_WORDS, TRUE_WORDS
 from cogportrait.schema import MANIFEST_OPTIONAL_COLUMNS, MANIFEST_REQUIRED_COLUMNS
-
-TRUE_WORDS = {"true", "1", "yes", "y"}
-FALSE_WORDS = {"false", "0", "no", "n", ""}
 
 
 class ManifestError(ValueError):
@@ -63,7 +61,7 @@ def read_manifest(manifest: str | os.PathLike) -> tuple[list[dict], list[Manifes
             reject("duplicate_id", f"video_id {video_id!r} already on manifest row {seen[video_id]}")
             continue
         seen[video_id] = i
-        mirrored_word = raw.get("mirrored", "").lower()
+        mirrored_word = (raw.get("mirrored") or "").strip().lower() or "false"  # an empty cell: not mirrored
         if mirrored_word not in TRUE_WORDS | FALSE_WORDS:
             reject("invalid_row", f"mirrored={raw.get('mirrored')!r} is not true/false")
             continue

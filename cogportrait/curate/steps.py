@@ -1,30 +1,44 @@
 """Row-level steps of the curate job (Ray-free; ``pipelines/curate.py`` wires them into Ray Data).
 
-A row is one video, then one span of it. Every row carries every key (so Arrow blocks share one
-schema). A rejected row keeps flowing through later steps untouched, so every input ends in
-exactly one output row: a clip, or a reject with a reason from the closed vocabulary.
+A row is one video, then one span of it. Every row carries every key of ``ROW_SCHEMA`` with
+one declared type: arrays travel as typed list columns (frame times, face track, crop track),
+never as JSON strings or raw bytes, and ``apply_step`` turns a step's output rows into an Arrow
+table of that schema, so every Ray block has the same schema (an empty list on a rejected row
+stays ``list<double>``, not ``list<null>``). A rejected row keeps flowing through later steps
+untouched, so every input ends in exactly one output row: a clip, or a reject with a reason from
+the closed vocabulary.
 """
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+import pyarrow as pa
 
 from cogportrait.config import CurateConfig
 from cogportrait.curate.crop import crop_track, write_cropped_clip
 from cogportrait.curate.filters import motion_decision, quality_decision, text_area, text_decision
 from cogportrait.curate.scenes import detect_scenes
 from cogportrait.curate.spans import Span, apply_duration_limits, segment_face_runs, span_seconds
-from cogportrait.curate.text import TextDetector, pack_frames, unpack_frames
+from cogportrait.curate.text import TextDetector, decode_frames, encode_frames
 from cogportrait.curate.tracking import FaceTracker, motion_scores
 from cogportrait.io.audio import extract_audio_span
 from cogportrait.io.video import VideoError, VideoInfo, iter_frames, probe_video, resample_times
-from cogportrait.schema import AUDIO_SAMPLE_RATE, CLIP_FPS, CLIP_SIZE, check_reason, clip_id_for
+from cogportrait.schema import (
+    AUDIO_SAMPLE_RATE,
+    CLIP_FPS,
+    CLIP_SIZE,
+    CURATE_ROW_SCHEMA as ROW_SCHEMA,
+    CURATE_STEP_TIMERS as STEP_TIMERS,
+    REJECT_STAGES,
+    check_reason,
+    clip_id_for,
+)
 
 Row = dict[str, Any]
 NAN = float("nan")
@@ -36,20 +50,41 @@ ROW_DEFAULTS: Row = {
     # probe
     "fps": NAN, "width": -1, "height": -1, "codec": "", "start_time_s": 0.0, "rotation": 0, "has_audio_stream": False,
     "n_src_frames": -1, "duration_s": NAN,
-    # span (source frames, end exclusive) and its frame timestamps (float64 bytes)
-    "scene_index": -1, "start_frame": -1, "end_frame": -1, "start_s": NAN, "end_s": NAN, "times": b"",
-    # face track: JSON {"frames": [...], "boxes": [[x0,y0,x1,y1], ...]} for usable samples
-    "track": "", "text_frames": b"", "face_size_px": NAN, "face_score": NAN, "face_coverage": NAN,
+    # span (source frames, end exclusive) and the timestamp of each of its frames
+    "scene_index": -1, "start_frame": -1, "end_frame": -1, "start_s": NAN, "end_s": NAN, "times": [],
+    # face track: usable samples (source frame, face box x0, y0, x1, y1 px)
+    "track_frames": [], "track_boxes": [],
+    # frames kept by the track pass for the text step (source index, JPEG); emptied by it
+    "text_frames": [], "text_jpegs": [],
+    "face_size_px": NAN, "face_score": NAN, "face_coverage": NAN,
     "sharpness": NAN, "brightness": NAN, "motion_score": NAN, "head_speed": NAN, "text_score": NAN,
-    # outputs
+    # outputs: crop box (median x0, y0, x1, y1) and per clip frame (cx, cy, side), source px
     "clip_id": "", "clip_path": "", "audio_path": "", "has_audio": False, "n_frames": 0,
-    "crop_box": b"", "crop_track": b"",
+    "crop_box": [], "crop_track": [],
     # reject
     "reject_stage": "", "reject_reason": "", "reject_detail": "",
-    # seconds spent per step (attributed to the first row a step emits for an input)
+    # seconds spent per step (attributed to the first row a step emits for an input); they go to
+    # metrics.json only, never into a table
     "t_probe": 0.0, "t_scenes": 0.0, "t_track": 0.0, "t_text": 0.0, "t_filter": 0.0, "t_crop": 0.0,
 }
-STEP_TIMERS = ("t_probe", "t_scenes", "t_track", "t_text", "t_filter", "t_crop")
+assert ROW_SCHEMA.names == list(ROW_DEFAULTS), "ROW_SCHEMA and ROW_DEFAULTS list the same keys in the same order"
+
+
+def rows_table(rows: list[Row]) -> pa.Table:
+    """Rows as an Arrow table of ``ROW_SCHEMA`` (a key missing from a row is an error)."""
+    for row in rows:
+        if row.keys() != ROW_DEFAULTS.keys():
+            raise KeyError(f"row keys differ from ROW_SCHEMA: {sorted(row.keys() ^ ROW_DEFAULTS.keys())}")
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+def apply_step(step: Callable[..., Row | list[Row]], batch: pa.Table, **kwargs: Any) -> pa.Table:
+    """Run a row step (1:1 or 1:N) over every row of an Arrow batch; the result is typed by ROW_SCHEMA."""
+    out: list[Row] = []
+    for row in batch.to_pylist():
+        result = step(row, **kwargs)
+        out.extend(result if isinstance(result, list) else [result])
+    return rows_table(out)
 
 
 def new_row(manifest_row: Row) -> Row:
@@ -77,7 +112,12 @@ def video_info(row: Row) -> VideoInfo:
 
 
 def span_times(row: Row) -> np.ndarray:
-    return np.frombuffer(row["times"], dtype=np.float64)
+    return np.asarray(row["times"], dtype=np.float64)
+
+
+def track_arrays(row: Row) -> tuple[np.ndarray, np.ndarray]:
+    """(sample frames, N x 4 face boxes) of the span's usable face samples."""
+    return np.asarray(row["track_frames"], dtype=np.int64), np.asarray(row["track_boxes"], dtype=np.float64).reshape(-1, 4)
 
 
 def with_span(row: Row, span: Span, times: np.ndarray, frame_period: float) -> Row:
@@ -87,7 +127,7 @@ def with_span(row: Row, span: Span, times: np.ndarray, frame_period: float) -> R
     local = times[span.start - offset : span.end - offset]
     out["start_frame"], out["end_frame"] = span.start, span.end
     out["start_s"], out["end_s"] = span_seconds(times, span.start - offset, span.end - offset, frame_period)
-    out["times"] = np.ascontiguousarray(local, dtype=np.float64).tobytes()
+    out["times"] = np.asarray(local, dtype=np.float64).tolist()
     return out
 
 
@@ -150,7 +190,7 @@ def scenes_step(row: Row, cfg: CurateConfig) -> list[Row]:
         tail = dict(row)
         tail["start_frame"], tail["end_frame"] = result.n_frames, max(result.n_frames, info.n_frames)
         tail["start_s"], tail["end_s"] = float(times[-1] + period), max(float(times[-1] + period), info.duration_s)
-        tail["times"], tail["scene_index"] = b"", len(bounds) - 1
+        tail["times"], tail["scene_index"] = [], len(bounds) - 1
         out.append(reject(tail, "scenes", "decode_error", detail))
     for child in out:
         child["t_scenes"] = 0.0
@@ -189,7 +229,7 @@ def track_step(row: Row, cfg: CurateConfig, tracker: FaceTracker) -> list[Row]:
                 reject(child, "face_track", piece.reason, f"{child['end_s'] - child['start_s']:.2f} s")
             else:
                 _attach_track(child, [s for s in samples if piece.start <= s.frame < piece.end], period)
-                child["text_frames"] = pack_frames({i: f for i, f in kept.items() if piece.start <= i < piece.end})
+                child["text_frames"], child["text_jpegs"] = encode_frames({i: f for i, f in kept.items() if piece.start <= i < piece.end})
             out.append(child)
     for child in out:
         child["t_track"] = 0.0
@@ -201,7 +241,8 @@ def _attach_track(row: Row, samples: list, frame_period: float) -> None:
     usable = [s for s in samples if s.label == "ok"]
     boxes = np.array([s.box for s in usable], dtype=np.float64)
     sides = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-    row["track"] = json.dumps({"frames": [s.frame for s in usable], "boxes": np.round(boxes, 2).tolist()})
+    row["track_frames"] = [int(s.frame) for s in usable]
+    row["track_boxes"] = np.round(boxes, 2).tolist()
     row["face_size_px"] = float(np.median(sides))
     row["face_score"] = float(np.mean([s.score for s in usable]))
     row["face_coverage"] = len(usable) / max(1, len(samples))
@@ -218,16 +259,15 @@ def text_step(row: Row, cfg: CurateConfig, detector: TextDetector) -> Row:
     if rejected(row):
         return row
     t0 = time.perf_counter()
-    frames = unpack_frames(row["text_frames"])
-    row["text_frames"] = b""
+    frames = decode_frames(row["text_frames"], row["text_jpegs"])
+    row["text_frames"], row["text_jpegs"] = [], []
     if not frames:
         try:
             frames = _decode_text_frames(row, cfg.text_frames)
         except VideoError as err:
             row["t_text"] = time.perf_counter() - t0
             return reject(row, "text", err.reason, err.detail)
-    track = json.loads(row["track"])
-    sample_frames, boxes = np.array(track["frames"]), np.array(track["boxes"])
+    sample_frames, boxes = track_arrays(row)
     measured = []
     for idx, rgb in sorted(frames.items()):
         face = tuple(boxes[int(np.argmin(np.abs(sample_frames - idx)))]) if len(sample_frames) else None
@@ -275,10 +315,9 @@ def crop_step(row: Row, cfg: CurateConfig, out_dir: str) -> Row:
     if len(out_times) == 0:
         row["t_crop"] = time.perf_counter() - t0
         return reject(row, "crop", "no_frames", f"{row['end_s'] - row['start_s']:.3f} s span")
-    track = json.loads(row["track"])
-    sample_t = times[np.asarray(track["frames"]) - row["start_frame"]]
+    sample_frames, boxes = track_arrays(row)
     ctrack = crop_track(
-        sample_t, np.asarray(track["boxes"], dtype=np.float64), out_times, row["width"], row["height"],
+        times[sample_frames - row["start_frame"]], boxes, out_times, row["width"], row["height"],
         cfg.crop_scale, cfg.crop_smooth_s, CLIP_FPS,
     )
     clip_id = clip_id_for(row["video_id"], row["start_frame"], row["end_frame"])
@@ -298,15 +337,34 @@ def crop_step(row: Row, cfg: CurateConfig, out_dir: str) -> Row:
     cx, cy = np.median(ctrack[:, 0]), np.median(ctrack[:, 1])
     row.update(
         clip_id=clip_id, clip_path=clip_rel, audio_path=audio_rel if has_audio else "", has_audio=bool(has_audio),
-        n_frames=n, crop_box=np.array([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], np.float32).tobytes(),
-        crop_track=ctrack.tobytes(), t_crop=time.perf_counter() - t0,
+        n_frames=int(n), crop_box=np.array([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], np.float32).tolist(),
+        crop_track=ctrack.astype(np.float32).tolist(), t_crop=time.perf_counter() - t0,
     )
     return row
 
 
 # ---------------------------------------------------------------------------------------------
-# rows -> table rows
+# rows -> table rows, and the fixed order of the tables
 # ---------------------------------------------------------------------------------------------
+# clips.parquet: by video, then by span start (spans of a video never overlap: a total order)
+CLIPS_SORT_KEYS = [("video_id", "ascending"), ("start_frame", "ascending")]
+
+
+def reject_sort_key(rec: Row) -> tuple:
+    """rejects.parquet order: manifest row, then span start (a whole-input reject, without span,
+    first), span end, stage in pipeline order, reason, detail. Each manifest row has one
+    whole-input reject or non-overlapping spans, so the first two already decide; the rest makes
+    the order total whatever the rows hold."""
+    def num(key: str) -> float:  # a missing or null value sorts first
+        v = rec.get(key)
+        return -1 if v is None else v
+
+    return (
+        num("manifest_row"), num("start_frame"), num("end_frame"), num("start_s"),
+        REJECT_STAGES.index(rec["stage"]), rec["reason"], rec.get("detail") or "", rec.get("video_id") or "", rec.get("path") or "",
+    )
+
+
 def clip_record(row: Row) -> Row:
     """The clips-table row (CLIPS_SCHEMA) of a kept span."""
     return {
@@ -314,8 +372,7 @@ def clip_record(row: Row) -> Row:
         "audio_path": row["audio_path"] or None, "has_audio": row["has_audio"],
         "start_s": row["start_s"], "end_s": row["end_s"], "start_frame": row["start_frame"], "end_frame": row["end_frame"],
         "fps": row["fps"], "n_frames": row["n_frames"], "scene_index": row["scene_index"],
-        "crop_box": np.frombuffer(row["crop_box"], np.float32).tolist(),
-        "crop_track": np.frombuffer(row["crop_track"], np.float32).reshape(-1, 3).tolist(),
+        "crop_box": row["crop_box"], "crop_track": row["crop_track"],
         "source_width": row["width"], "source_height": row["height"],
         "label": row["label"], "identity": row["identity"], "mirrored": row["mirrored"],
         "source": row["source"], "license": row["license"],

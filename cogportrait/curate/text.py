@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 
 import cv2
@@ -14,7 +13,7 @@ log = logging.getLogger(__name__)
 class TextDetector:
     """RapidOCR's text *detection* (no recognition: ~80 ms per 512 px frame on one core)."""
 
-    def __init__(self, det_side_px: int = 512, threads: int = 1) -> None:
+    def __init__(self, det_side_px: int, threads: int) -> None:
         from rapidocr import RapidOCR
 
         self.det_side_px = det_side_px
@@ -45,21 +44,21 @@ class TextDetector:
         return np.asarray(boxes, dtype=np.float32).reshape(-1, 4, 2) / scale
 
 
-def pack_frames(frames: dict[int, np.ndarray], quality: int = 95) -> bytes:
-    """Frames as JPEGs in an .npz blob (a Ray row field); read back with ``unpack_frames``."""
-    buf = io.BytesIO()
-    encoded = {}
-    for idx, rgb in frames.items():
-        ok, jpg = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
+def encode_frames(frames: dict[int, np.ndarray], quality: int = 95) -> tuple[list[int], list[bytes]]:
+    """Frames as (source indices ascending, one JPEG each): two typed row columns, read back with
+    ``decode_frames``. JPEG bytes are image data, not a serialised structure."""
+    indices, jpegs = [], []
+    for idx in sorted(frames):
+        ok, jpg = cv2.imencode(".jpg", np.ascontiguousarray(frames[idx][..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
         if not ok:
             raise ValueError(f"JPEG encoding of frame {idx} failed")
-        encoded[f"f{idx}"] = jpg
-    np.savez(buf, **encoded)
-    return buf.getvalue()
+        indices.append(int(idx))
+        jpegs.append(jpg.tobytes())
+    return indices, jpegs
 
 
-def unpack_frames(blob: bytes) -> dict[int, np.ndarray]:
-    if not blob:
-        return {}
-    with np.load(io.BytesIO(blob), allow_pickle=False) as data:
-        return {int(k[1:]): cv2.imdecode(data[k], cv2.IMREAD_COLOR)[..., ::-1] for k in data.files}
+def decode_frames(indices: list[int], jpegs: list[bytes]) -> dict[int, np.ndarray]:
+    """RGB frames by source index from ``encode_frames``' two lists."""
+    if len(indices) != len(jpegs):
+        raise ValueError(f"{len(indices)} frame indices for {len(jpegs)} JPEGs")
+    return {int(i): cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR)[..., ::-1] for i, j in zip(indices, jpegs)}

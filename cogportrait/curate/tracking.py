@@ -16,7 +16,7 @@ import mediapipe as mp
 import numpy as np
 from mediapipe.tasks.python import BaseOptions, vision
 
-from cogportrait.face.models import face_detector_path
+from cogportrait.face.model_files import face_detector_path
 from cogportrait.io.video import VideoInfo, iter_frames
 
 THUMB = 32

@@ -42,7 +42,7 @@ class BlendshapeBackend:
     name = "blendshape"
     needs_images = False
 
-    def __init__(self, gaze_down_blink_coupling: float = 0.0) -> None:
+    def __init__(self, gaze_down_blink_coupling: float) -> None:
         self.gaze_down_blink_coupling = gaze_down_blink_coupling
 
     def clip_proxies(self, blendshapes, landmarks, present, images=None):
@@ -73,7 +73,7 @@ class PyFeatBackend:
     name = "pyfeat"
     needs_images = True
 
-    def __init__(self, model_dir: str | Path, au_model: str = "xgb", gaze_down_blink_coupling: float = 0.0) -> None:
+    def __init__(self, model_dir: str | Path, gaze_down_blink_coupling: float, au_model: str = "xgb") -> None:
         model_dir = Path(model_dir).expanduser()
         if not model_dir.is_dir():
             raise AUBackendError(f"py-feat model directory {model_dir} does not exist")
@@ -109,7 +109,7 @@ class PyFeatBackend:
 BACKENDS: dict[str, Callable[..., AUBackend]] = {"blendshape": BlendshapeBackend, "pyfeat": PyFeatBackend}
 
 
-def make_backend(name: str, model_dir: str | None = None, gaze_down_blink_coupling: float = 0.0) -> AUBackend:
+def make_backend(name: str, model_dir: str | None, gaze_down_blink_coupling: float) -> AUBackend:
     """Build a backend by name; names outside BACKENDS fail with the list of valid ones."""
     if name == "blendshape":
         return BlendshapeBackend(gaze_down_blink_coupling)

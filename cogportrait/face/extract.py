@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from cogportrait.face.au_backends import AUBackend, BlendshapeBackend
+from cogportrait.config import ExtractConfig
+from cogportrait.face.au_backends import AUBackend
 from cogportrait.face.landmarker import VideoLandmarker
 from cogportrait.face.pose import head_pose_from_rotation, mirror_keypoint_groups, rotation_from_transform
 from cogportrait.face.proxies import mirror_blendshapes
@@ -28,14 +28,6 @@ from cogportrait.io.video import VideoError
 from cogportrait.schema import CLIP_FPS, FRAMES_SCHEMA, KEYPOINT_INDICES, N_KEYPOINTS
 
 log = logging.getLogger("cogportrait.face.extract")
-
-
-@dataclass(frozen=True)
-class LandmarkerSettings:
-    model_path: str | None = None
-    min_detection_confidence: float = 0.5
-    min_presence_confidence: float = 0.5
-    min_tracking_confidence: float = 0.5
 
 
 def iter_clip_frames(path: str | Path, fps: int = CLIP_FPS) -> Iterator[tuple[int, np.ndarray]]:
@@ -80,27 +72,18 @@ def iter_clip_frames(path: str | Path, fps: int = CLIP_FPS) -> Iterator[tuple[in
 def extract_clip(
     path: str | Path,
     clip_id: str,
-    mirrored: bool = False,
-    backend: AUBackend | None = None,
-    settings: LandmarkerSettings = LandmarkerSettings(),
-    landmarker: VideoLandmarker | None = None,
+    mirrored: bool,
+    backend: AUBackend,
+    cfg: ExtractConfig,
 ) -> pa.Table:
     """Every frame of one clip as a FRAMES_SCHEMA table (face-lost frames kept and flagged)."""
-    backend = backend or BlendshapeBackend()
     frames: list[int] = []
     lms: list[np.ndarray | None] = []
     bss: list[np.ndarray | None] = []
     mats: list[np.ndarray | None] = []
     images: list[np.ndarray] | None = [] if backend.needs_images else None
     width = height = 0
-    own = landmarker is None
-    lm = landmarker or VideoLandmarker(
-        settings.model_path,
-        settings.min_detection_confidence,
-        settings.min_presence_confidence,
-        settings.min_tracking_confidence,
-    )
-    try:
+    with VideoLandmarker(cfg) as lm:
         for idx, rgb in iter_clip_frames(path):
             height, width = rgb.shape[:2]
             obs = lm.detect(rgb, int(round(idx * 1000 / CLIP_FPS)) + 1)
@@ -110,9 +93,6 @@ def extract_clip(
             mats.append(None if obs is None else obs.transform)
             if images is not None:
                 images.append(rgb)
-    finally:
-        if own:
-            lm.close()
     if not frames:
         raise VideoError("no_frames", f"{Path(path).name} decodes to zero frames")
     return build_frames_table(clip_id, frames, lms, bss, mats, width, height, mirrored, backend, images)

@@ -9,8 +9,6 @@ mapping.py is the exact inverse of these steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from cogportrait.face.model import (
@@ -25,21 +23,12 @@ from cogportrait.face.model import (
 )
 from cogportrait.face.pose import EYE_UPPER_MID
 from cogportrait.face.proxies import rectify_gaze
+from cogportrait.config import InversionSettings
 from cogportrait.schema import CHANNEL_INDEX, N_CHANNELS, keypoint_slice
+from cogportrait.timeseries import fill_gaps, moving_average
 
 AU45 = (CHANNEL_INDEX["AU45L"], CHANNEL_INDEX["AU45R"])
 AU41 = CHANNEL_INDEX["AU41"]
-
-
-@dataclass(frozen=True)
-class InversionSettings:
-    z_weight: float = 0.5  # weight of depth rows (MediaPipe z is the noisiest coordinate)
-    iterations: int = 20  # active-set steps and polishing sweeps of the bounded solve
-    rounds: int = 4  # bounded gaze / AU alternations, started from the unbounded fixed point
-    blink_au45_delta: float = 0.25  # AU45 above rest by this much = a blink is under way (AU41 masked)
-    au41_smooth_frames: int = 7  # ~300 ms at 25 fps
-    au41_gaze_regress: bool = True
-    au41_deadzone: float = 0.1  # lid drops below this share of the rest gap are noise, not droop
 
 
 def row_weights(z_weight: float) -> np.ndarray:
@@ -48,7 +37,7 @@ def row_weights(z_weight: float) -> np.ndarray:
     return w
 
 
-def solve_box_ls(a: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, iterations: int = 20) -> np.ndarray:
+def solve_box_ls(a: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, iterations: int) -> np.ndarray:
     """min ‖x A − y‖² s.t. lo ≤ x ≤ hi, for every row of y at once (A: k x m, y: N x m).
 
     The problem is tiny (k ≤ 9) and shares A across frames, so it is solved for all frames
@@ -116,7 +105,7 @@ def solve_frames(
     head_pose: np.ndarray,
     model: LinearFaceModel,
     baseline: Baseline,
-    settings: InversionSettings = InversionSettings(),
+    settings: InversionSettings,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-frame bounded solve. canon: T x 62 x 3 (NaN rows allowed); head_pose T x 3 (known).
 
@@ -153,32 +142,12 @@ def solve_frames(
     return au, gz, err
 
 
-def interpolate_gaps(x: np.ndarray) -> np.ndarray:
-    """Fill NaN samples linearly from their neighbours (edges held); all-NaN becomes 0."""
-    x = np.asarray(x, dtype=np.float64)
-    ok = np.isfinite(x)
-    if ok.all():
-        return x
-    if not ok.any():
-        return np.zeros_like(x)
-    idx = np.arange(len(x))
-    return np.interp(idx, idx[ok], x[ok])
-
-
-def _smooth(x: np.ndarray, n: int) -> np.ndarray:
-    if n <= 1 or len(x) == 0:
-        return x
-    pad = n // 2
-    xp = np.pad(x, pad, mode="edge")
-    return np.convolve(xp, np.ones(n) / n, mode="valid")[: len(x)]
-
-
 def au41_over_time(
     lid_above_iris: np.ndarray,
     blinking: np.ndarray,
     gaze_down: np.ndarray,
     baseline: Baseline,
-    settings: InversionSettings = InversionSettings(),
+    settings: InversionSettings,
 ) -> np.ndarray:
     """AU41 per frame (T), mean of both eyes: DESIGN.md's clip((c0 − c_t)/c0, 0, 1).
 
@@ -197,9 +166,9 @@ def au41_over_time(
     if settings.au41_gaze_regress and valid.sum() >= 5 and np.var(gd[valid]) > 1e-6:
         beta = max(0.0, float(np.cov(raw[valid], gd[valid])[0, 1] / np.var(gd[valid])))
         raw = raw - beta * gd
-    raw = interpolate_gaps(raw)
+    raw = fill_gaps(raw)
     dz = settings.au41_deadzone
-    return np.clip((_smooth(raw, settings.au41_smooth_frames) - dz) / (1.0 - dz), 0.0, 1.0)
+    return np.clip((moving_average(raw, settings.au41_smooth_frames) - dz) / (1.0 - dz), 0.0, 1.0)
 
 
 def invert_clip(
@@ -208,7 +177,7 @@ def invert_clip(
     lid_above_iris: np.ndarray,
     model: LinearFaceModel,
     baseline: Baseline,
-    settings: InversionSettings = InversionSettings(),
+    settings: InversionSettings,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Controls T x 17 (DESIGN order; NaN where no face) and residual error T (IOD units)."""
     t = len(canon)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cogportrait.face.models import face_landmarker_path
+from cogportrait.config import ExtractConfig
+from cogportrait.face.model_files import face_landmarker_path
 from cogportrait.schema import N_BLENDSHAPES, N_LANDMARKS
 
 log = logging.getLogger("cogportrait.face.landmarker")
@@ -30,25 +31,19 @@ class FaceObservation:
 class VideoLandmarker:
     """Context manager around one FaceLandmarker in VIDEO mode (use one per clip)."""
 
-    def __init__(
-        self,
-        model_path: str | Path | None = None,
-        min_detection_confidence: float = 0.5,
-        min_presence_confidence: float = 0.5,
-        min_tracking_confidence: float = 0.5,
-    ) -> None:
+    def __init__(self, cfg: ExtractConfig) -> None:
         # mediapipe is imported here so that importing cogportrait.face stays cheap
         import mediapipe as mp
         from mediapipe.tasks.python import BaseOptions, vision
 
         self._mp = mp
         options = vision.FaceLandmarkerOptions(
-            base_options=BaseOptions(model_asset_path=str(face_landmarker_path(model_path))),
+            base_options=BaseOptions(model_asset_path=str(face_landmarker_path(cfg.landmarker_model or None))),
             running_mode=vision.RunningMode.VIDEO,
             num_faces=1,
-            min_face_detection_confidence=min_detection_confidence,
-            min_face_presence_confidence=min_presence_confidence,
-            min_tracking_confidence=min_tracking_confidence,
+            min_face_detection_confidence=cfg.min_detection_confidence,
+            min_face_presence_confidence=cfg.min_presence_confidence,
+            min_tracking_confidence=cfg.min_tracking_confidence,
             output_face_blendshapes=True,
             output_facial_transformation_matrixes=True,
         )

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cogportrait.config import RestSettings
 from cogportrait.io.atomic import atomic_path, write_json
 from cogportrait.schema import AU_CHANNELS, KEYPOINT_GROUPS, KEYPOINT_INDICES, N_KEYPOINTS, keypoint_slice
 
@@ -262,15 +263,14 @@ def rest_mask(
     gaze_signed: np.ndarray,
     head_pose: np.ndarray,
     present: np.ndarray,
-    quantile: float = 0.4,
-    max_angle_deg: float = 20.0,
-    min_frames: int = 5,
+    settings: RestSettings,
 ) -> np.ndarray:
     """Frames at rest: low AU/gaze activity relative to the clip's own medians, near-frontal.
 
     Activity is the sum over channels of |x − median| / (MAD + 0.02); the lowest ``quantile``
     of present, near-frontal frames are rest. Falls back to all present frames when too few.
     """
+    quantile, max_angle_deg, min_frames = settings.quantile, settings.max_angle_deg, settings.min_frames
     t = len(present)
     sig = np.concatenate([au[:, list(FIT_AU_INDEX)], gaze_signed], axis=1)
     ok = present & np.all(np.isfinite(sig), axis=1)

@@ -66,7 +66,7 @@ def au_proxies(bs: np.ndarray) -> np.ndarray:
     return np.stack(cols, axis=-1).astype(np.float32)
 
 
-def gaze_proxies(bs: np.ndarray, down_blink_coupling: float = 0.0) -> np.ndarray:
+def gaze_proxies(bs: np.ndarray, down_blink_coupling: float) -> np.ndarray:
     """Tx52 blendshapes -> Tx4 gaze proxies (left, right, up, down), each in [0, 1].
 
     eyeLookDown rises with lid closure: ``down_blink_coupling`` × mean eyeBlink is removed from

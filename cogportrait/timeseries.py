@@ -1,0 +1,39 @@
+"""Per-frame time-series helpers shared by every stage: one gap filler, one moving average.
+
+Signals are frame-aligned arrays (T, ...) with gaps where no face was found; filling and smoothing
+them the same way everywhere keeps events, prototypes and KTO windows consistent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def fill_gaps(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Linear interpolation over invalid frames along axis 0; edges hold the nearest valid frame.
+
+    ``valid`` defaults to frames whose values are all finite. With no valid frame the result is
+    all zeros (the channels' rest value). Float input keeps its dtype; other input becomes float64.
+    """
+    x = np.asarray(values)
+    x = np.array(x, dtype=x.dtype if np.issubdtype(x.dtype, np.floating) else np.float64, copy=True)
+    flat = x.reshape(len(x), -1)
+    ok = np.all(np.isfinite(flat), axis=1) if valid is None else np.asarray(valid, dtype=bool)
+    if ok.all():
+        return x
+    if not ok.any():
+        return np.zeros_like(x)
+    t = np.arange(len(x))
+    good = np.flatnonzero(ok)
+    for j in range(flat.shape[1]):
+        flat[:, j] = np.interp(t, good, flat[good, j])
+    return x
+
+
+def moving_average(x: np.ndarray, n: int) -> np.ndarray:
+    """Centred moving average over ``n`` frames (edges padded with the edge value), same length."""
+    x = np.asarray(x, dtype=np.float64)
+    if n <= 1 or len(x) == 0:
+        return x.copy()
+    pad = np.pad(x, (n // 2, n - 1 - n // 2), mode="edge")
+    return np.convolve(pad, np.ones(n) / n, mode="valid")

@@ -1,0 +1,396 @@
+"""The ``cogportrait`` command line: the one composition root.
+
+Every verb is one entry of ``VERBS``: the ``params.yaml`` sections it runs with (each loaded into its
+config class from ``STAGE_CONFIGS``), its options, and the function that runs it. One override
+syntax for every verb: a verb's own flags (``--out``, ``--workers``, …) and ``--set KEY=VALUE`` both
+override keys of its sections (``--set inversion.iterations=20``, ``--set index.nprobe=8``). One
+error policy: a user error (a bad value, an unknown key or choice, a missing input) prints one line
+and exits 2; Ctrl-C stops the job, shuts Ray down, leaves no partial table and exits 130.
+
+Pipelines and Ray are imported only inside the verb that needs them (Ray is heavy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, NoReturn
+
+from cogportrait.config import STAGE_CONFIGS, ConfigError, from_mapping, load_params, parse_value, set_dotted
+from cogportrait.curate.manifest import ManifestError
+from cogportrait.face.model_files import ModelFileError
+from cogportrait.io.video import VideoError
+from prototype_store.errors import LibraryError
+from prototype_store.retrieval import TargetError, UnknownChannelError
+
+log = logging.getLogger("cogportrait")
+
+# What a user can fix: one line, exit 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, ManifestError, ModelFileError, VideoError, LibraryError, TargetError, UnknownChannelError,
+    FileNotFoundError,
+)
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+Configs = dict[str, Any]  # params section -> its config object
+
+
+@dataclass(frozen=True)
+class Option:
+    """A command-line option. With ``keys`` it overrides those config keys ("section.key"), typed
+    by the config field; without, it is an argument of the verb itself (argparse ``kwargs``)."""
+
+    flags: tuple[str, ...]
+    help: str
+    keys: tuple[str, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Verb:
+    help: str
+    run: Callable[[Configs, argparse.Namespace], dict | int | None]
+    sections: tuple[str, ...] = ()  # params.yaml sections, loaded into STAGE_CONFIGS classes
+    options: tuple[Option, ...] = ()
+
+
+def _set(section: str, key: str, flag: str, help: str) -> Option:
+    return Option((flag,), help, (f"{section}.{key}",))
+
+
+def _workers(section: str) -> Option:
+    return Option(("--workers",), "Ray workers (CPUs) to use", (f"{section}.num_workers",))
+
+
+# ------------------------------------------------------------------------------------------------
+# verbs
+# ------------------------------------------------------------------------------------------------
+def run_curate(cfg: Configs, args: argparse.Namespace) -> dict:
+    from pipelines.curate import run
+
+    return run(cfg["curate"])
+
+
+def run_extract(cfg: Configs, args: argparse.Namespace) -> dict:
+    from pipelines.extract import run
+
+    return run(cfg["extract"])
+
+
+def run_invert(cfg: Configs, args: argparse.Namespace) -> dict:
+    from pipelines.invert import run
+
+    return run(cfg["invert"])
+
+
+def run_library_build(cfg: Configs, args: argparse.Namespace) -> dict:
+    from prototype_store import build_index
+
+    result: dict[str, Any] = {}
+    if args.only in (None, "prototypes"):
+        if args.local:
+            from prototype_store.build import build_prototypes_local
+
+            result["prototypes"] = build_prototypes_local(cfg["prototypes"])
+        else:
+            from pipelines.prototypes import run
+
+            result["prototypes"] = run(cfg["prototypes"])
+    if args.only in (None, "index"):
+        t0 = time.perf_counter()
+        meta = build_index(cfg["index"].library, cfg["index"])
+        result["index"] = {k: meta[k] for k in ("kind", "n", "nlist", "nprobe", "recall_at_5", "fingerprint")}
+        result["index"]["build_s"] = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def _open_store(library: str):
+    from prototype_store import PrototypeStore
+
+    # one query per process: sorting the features for the walk (seconds at 1e6 rows) would cost
+    # more than the scan it saves, so one-shot commands leave the walk out (same answers)
+    return PrototypeStore.open(library, walk_min_rows=sys.maxsize)
+
+
+def run_library_query(cfg: Configs, args: argparse.Namespace) -> int:
+    from prototype_store.retrieval import CHANNEL_ALIASES, parse_target_arg
+    from cogportrait.schema import CHANNEL_INDEX
+
+    targets = dict(parse_target_arg(t) for t in args.target)
+    matches = _open_store(cfg["index"].library).query(
+        targets, label=args.label, event_type=args.event_type, k=args.k, min_frames=args.min_frames,
+        identity_exclude=args.exclude_identity or None, arrays=args.arrays,
+    )
+    if args.json:
+        json.dump([m.to_dict(arrays=args.arrays) for m in matches], sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    if not matches:
+        print("no prototype passes the filters")
+        return 0
+    shown = list(targets)
+    print(f"{'#':>2} {'distance':>9}  {'event_type':<17} {'T':>4}  {'label':<20} {'prototype_id':<36}  " + " ".join(f"{n:>9}" for n in shown))
+    for m in matches:
+        vals = []
+        for n in shown:
+            j = CHANNEL_INDEX[CHANNEL_ALIASES[n][0]] if n in CHANNEL_ALIASES else CHANNEL_INDEX[n]
+            vals.append(f"{m.channel_mean[j]:.2f}/{m.channel_max[j]:.2f}")
+        print(f"{m.rank:>2} {m.distance:9.4f}  {str(m.event_type):<17} {m.T:>4}  {str(m.label)[:20]:<20} {m.prototype_id:<36}  " + " ".join(f"{v:>9}" for v in vals))
+    print("(channel columns: mean/peak)")
+    return 0
+
+
+def run_library_stats(cfg: Configs, args: argparse.Namespace) -> int:
+    stats = _open_store(args.library_pos or cfg["index"].library).stats()
+    print(json.dumps(stats, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def run_library_show(cfg: Configs, args: argparse.Namespace) -> int:
+    try:
+        match = _open_store(args.library_pos).get(args.prototype_id)
+    except KeyError as err:  # an id not in the library: the user's typo
+        raise LibraryError(err.args[0] if err.args else str(err)) from None
+    info = match.to_dict(arrays=args.arrays)
+    info.pop("rank")
+    info.pop("distance")
+    if args.plot:
+        from prototype_store.plot import plot_prototype
+
+        info["plot"] = str(plot_prototype(match, args.plot))
+        log.info("wrote %s", info["plot"])
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def run_kto_mine(cfg: Configs, args: argparse.Namespace) -> dict:
+    from pipelines.kto import run
+
+    return run(cfg["kto_mine"])
+
+
+def run_face_convert_flame(cfg: Configs, args: argparse.Namespace) -> dict:
+    from cogportrait.face.flame import convert_flame
+
+    return convert_flame(args.model, args.embedding, args.out, n_shape=args.n_shape)
+
+
+def run_models_check(cfg: Configs, args: argparse.Namespace) -> dict:
+    from cogportrait.face.model_files import face_detector_path, face_landmarker_path
+
+    return {"face_detector": str(face_detector_path()), "face_landmarker": str(face_landmarker_path())}
+
+
+UPSTREAM = {  # the inputs of the per-clip jobs (prototypes, kto mine)
+    "controls": "invert's output folder (controls/events.parquet)",
+    "clips": "curate's clips.parquet (labels, identities, audio)",
+    "frames": "extract's frames.parquet (keypoints)",
+}
+
+VERBS: dict[str, Verb] = {
+    "curate": Verb(
+        "raw videos -> clean 512² 25 fps face clips (Ray Data job)", run_curate, ("curate",),
+        (_set("curate", "manifest", "--manifest", "manifest.csv (its folder is the dataset root)"),
+         _set("curate", "out", "--out", "output folder"), _workers("curate")),
+    ),
+    "extract": Verb(
+        "clips -> per-frame landmarks, blendshapes, pose, keypoints (Ray Data job)", run_extract, ("extract",),
+        (_set("extract", "clips", "--clips", "clips.parquet written by curate"),
+         _set("extract", "out", "--out", "output folder (frames.parquet, clips.parquet, rejects.parquet, metrics.json)"),
+         _set("extract", "au_backend", "--au-backend", "blendshape (default) or pyfeat"), _workers("extract")),
+    ),
+    "invert": Verb(
+        "frames -> 17-channel controls, face model, events (Ray Data job)", run_invert, ("invert",),
+        (_set("invert", "frames", "--frames", "folder written by extract"),
+         _set("invert", "out", "--out", "output folder (controls.parquet, events.parquet, face_model/, metrics.json)"),
+         _workers("invert")),
+    ),
+    "library build": Verb(
+        "controls -> prototypes.parquet (Ray Data job) -> FAISS index", run_library_build, ("prototypes", "index"),
+        (*(_set("prototypes", k, f"--{k}", h) for k, h in UPSTREAM.items()),
+         Option(("--out",), "library folder (prototypes.parquet + index/)", ("prototypes.out", "index.library")),
+         Option(("--only",), "run one of the two steps", kwargs={"choices": ("prototypes", "index")}),
+         Option(("--local",), "segment in-process without Ray (small data)", kwargs={"action": "store_true"}),
+         _workers("prototypes")),
+    ),
+    "library query": Verb(
+        "top-k prototypes by Eq. 3 for channel targets", run_library_query, ("index",),
+        (_set("index", "library", "--library", "library folder (default: params index.library)"),
+         Option(("--target",), "channel target, a value or LO..HI (head angles in degrees), e.g. AU45L=0.6..1.0; repeat",
+                kwargs={"action": "append", "required": True, "metavar": "NAME=VALUE"}),
+         Option(("--label",), "only prototypes with this label"),
+         Option(("--event-type",), "only this event type (or 'window')"),
+         Option(("-k",), "how many results", kwargs={"type": int, "default": 5}),
+         Option(("--min-frames",), "only prototypes at least this long", kwargs={"type": int}),
+         Option(("--exclude-identity",), "leave out this identity; repeat", kwargs={"action": "append"}),
+         Option(("--json",), "stdout: exactly one JSON list, ascending distance", kwargs={"action": "store_true"}),
+         Option(("--arrays",), "include controls and keypoints per result", kwargs={"action": "store_true"})),
+    ),
+    "library stats": Verb(
+        "counts per label and event type, lengths, index kind and recall (JSON)", run_library_stats, ("index",),
+        (Option(("library_pos",), "library folder (default: params index.library)", kwargs={"nargs": "?", "metavar": "LIB"}),
+         _set("index", "library", "--library", argparse.SUPPRESS)),
+    ),
+    "library show": Verb(
+        "one prototype's metadata (JSON) and optionally a plot of its 17 channels", run_library_show, (),
+        (Option(("library_pos",), "library folder", kwargs={"metavar": "LIB"}),
+         Option(("prototype_id",), "prototype id", kwargs={"metavar": "ID"}),
+         Option(("--plot",), "write a PNG of the channels over time"),
+         Option(("--arrays",), "include controls and keypoints", kwargs={"action": "store_true"})),
+    ),
+    "kto mine": Verb(
+        "mine desirable boundary-case windows (3-5 s) from real clips (Ray Data job)", run_kto_mine, ("kto_mine",),
+        (*(_set("kto_mine", k, f"--{k}", h) for k, h in UPSTREAM.items()),
+         _set("kto_mine", "out", "--out", "output folder (kto.parquet, metrics.json)"), _workers("kto_mine")),
+    ),
+    "face convert-flame": Verb(
+        "convert a licensed FLAME model.pkl + MediaPipe landmark embedding.npz into a pickle-free OUT.npz "
+        "(the only command that reads a pickle: run it once, on your own file)", run_face_convert_flame, (),
+        (Option(("model",), "FLAME generic_model.pkl (from flame.is.tue.mpg.de, under its licence)"),
+         Option(("embedding",), "mediapipe_landmark_embedding.npz (lmk_face_idx, lmk_b_coords, landmark_indices)"),
+         Option(("out",), "output .npz read by the flame face-model backend"),
+         Option(("--n-shape",), "shape components before the expression ones (FLAME 2020: 300)", kwargs={"type": int, "default": 300})),
+    ),
+    "models check": Verb("verify the sha256 of every bundled model file", run_models_check),
+}
+GROUP_HELP = {
+    "library": "the prototype library: build, query, stats, show",
+    "kto": "KTO preference data",
+    "face": "face-model utilities",
+    "models": "local model files",
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# parsing, configs, errors
+# ------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (exit 2), like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cogportrait", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: ./params.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    top = parser.add_subparsers(dest="command", required=True, metavar="VERB", parser_class=_Parser)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, verb in VERBS.items():
+        words = name.split()
+        sub = top
+        if len(words) == 2:
+            if words[0] not in groups:
+                group = top.add_parser(words[0], help=GROUP_HELP[words[0]])
+                groups[words[0]] = group.add_subparsers(dest=f"{words[0]}_command", required=True, metavar="VERB",
+                                                        parser_class=_Parser)
+            sub = groups[words[0]]
+        p = sub.add_parser(words[-1], help=verb.help, description=verb.help)
+        for opt in verb.options:
+            if opt.keys:
+                dest = opt.flags[0].lstrip("-").replace("-", "_")
+                p.add_argument(*opt.flags, help=opt.help, dest=f"set:{dest}", metavar=dest.upper())
+            else:
+                p.add_argument(*opt.flags, help=opt.help, **opt.kwargs)
+        if verb.sections:
+            p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                           help=f"override a params key of {', '.join(verb.sections)} (dotted for nested keys); repeat")
+        p.set_defaults(verb=name)
+    return parser
+
+
+def load_configs(verb: Verb, args: argparse.Namespace) -> Configs:
+    """Each section of ``verb`` from the params file, with the command line's overrides applied."""
+    params_path = Path(args.params)
+    if params_path.exists():
+        params = load_params(params_path)
+    elif args.params != "params.yaml":
+        raise ConfigError(f"params file {params_path} not found")
+    else:
+        params = {}
+    values = {s: dict(params.get(s) or {}) for s in verb.sections}
+    overrides: list[tuple[str, str]] = []
+    for opt in verb.options:
+        given = getattr(args, "set:" + opt.flags[0].lstrip("-").replace("-", "_"), None) if opt.keys else None
+        if given is not None:
+            overrides += [(key, given) for key in opt.keys]
+    for item in getattr(args, "overrides", []):
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        key = key.strip()
+        if key.split(".")[0] not in verb.sections:  # a key of the verb's section (the one that has it)
+            owners = [s for s in verb.sections if key.split(".")[0] in {f.name for f in fields(STAGE_CONFIGS[s])}]
+            key = f"{owners[0] if len(owners) == 1 else verb.sections[0]}.{key}"
+        overrides.append((key, text))
+    for key, text in overrides:
+        section, _, rest = key.partition(".")
+        set_dotted(values[section], rest, parse_value(STAGE_CONFIGS[section], rest, text, section))
+    return {s: from_mapping(STAGE_CONFIGS[s], values[s], s) for s in verb.sections}
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """One logging style for every command; logs go to stderr so stdout stays machine-readable."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _stop_ray() -> None:
+    """Shut down the Ray instance this process started or joined (workers, tasks, actors)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+def _remove_temporaries(configs: Configs) -> None:
+    """After an interrupt: the hidden temporaries of killed writers in the verb's output folders."""
+    from cogportrait.io.atomic import remove_temporaries
+
+    for cfg in configs.values():
+        for folder in {getattr(cfg, "out", None), getattr(cfg, "library", None)} - {None}:
+            removed = remove_temporaries(folder)
+            if removed:
+                log.info("removed %d temporaries in %s", removed, folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    verb = VERBS[args.verb]
+    # Ray and the libraries under it may replace the SIGINT handler; Ctrl-C must still interrupt
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    configs: Configs = {}
+    try:
+        configs = load_configs(verb, args)
+        result = verb.run(configs, args)
+    except USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"cogportrait {args.verb}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        log.warning("%s interrupted: stopping Ray and removing temporaries; no table was replaced", args.verb)
+        _stop_ray()
+        _remove_temporaries(configs)
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if isinstance(result, dict):
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+        return 0
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
