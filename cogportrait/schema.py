@@ -139,6 +139,11 @@ REJECT_REASONS: dict[str, str] = {
 REJECT_REASON_NAMES: tuple[str, ...] = tuple(REJECT_REASONS)
 
 
+class TableError(ValueError):
+    """An input table a stage cannot use as given (missing columns, duplicate keys, no rows): the
+    user's data, not a bug, so the command line reports it in one line."""
+
+
 def check_reason(stage: str, reason: str) -> None:
     """Fail loudly on a reason or stage outside the closed vocabulary."""
     if stage not in REJECT_STAGES:

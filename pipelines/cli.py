@@ -25,8 +25,10 @@ from typing import Any, NoReturn
 
 from cogportrait.config import STAGE_CONFIGS, ConfigError, from_mapping, load_params, parse_value, set_dotted
 from cogportrait.curate.manifest import ManifestError
+from cogportrait.face.au_backends import AUBackendError
 from cogportrait.face.model_files import ModelFileError
 from cogportrait.io.video import VideoError
+from cogportrait.schema import TableError
 from prototype_store.errors import LibraryError
 from prototype_store.retrieval import TargetError, UnknownChannelError
 
@@ -34,8 +36,8 @@ log = logging.getLogger("cogportrait")
 
 # What a user can fix: one line, exit 2. Anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, ManifestError, ModelFileError, VideoError, LibraryError, TargetError, UnknownChannelError,
-    FileNotFoundError,
+    ConfigError, ManifestError, ModelFileError, VideoError, TableError, LibraryError, TargetError, UnknownChannelError,
+    AUBackendError, FileNotFoundError,
 )
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C

@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import ray
-from pipelines._ray import ONE_ROW_PER_BLOCK, start_ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from cogportrait.config import CurateConfig
@@ -64,6 +63,7 @@ from cogportrait.curate.text import TextDetector
 from cogportrait.curate.tracking import FaceTracker
 from cogportrait.io.atomic import write_json, write_table
 from cogportrait.schema import CLIP_FPS, CLIPS_SCHEMA, REJECTS_SCHEMA
+from pipelines._ray import ONE_ROW_PER_BLOCK, start_ray
 
 log = logging.getLogger("cogportrait.curate")
 

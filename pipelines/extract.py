@@ -35,9 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-from tqdm import tqdm
-from pipelines._ray import LARGE_BLOCKS, start_ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
+from tqdm import tqdm
 
 from cogportrait.config import ExtractConfig
 from cogportrait.face.au_backends import make_backend
@@ -45,7 +44,8 @@ from cogportrait.face.extract import FRAMES_GLOB, extract_clip
 from cogportrait.face.model_files import face_landmarker_path
 from cogportrait.io.atomic import AtomicParquetWriter, write_json, write_table
 from cogportrait.io.video import VideoError, probe_video
-from cogportrait.schema import CLIPS_SCHEMA, FRAMES_SCHEMA, REJECTS_SCHEMA, check_reason
+from cogportrait.schema import CLIPS_SCHEMA, FRAMES_SCHEMA, REJECTS_SCHEMA, TableError, check_reason
+from pipelines._ray import LARGE_BLOCKS, start_ray
 
 log = logging.getLogger("cogportrait.extract")
 
@@ -119,7 +119,7 @@ def _read_clips(path: Path) -> pa.Table:
     table = pq.read_table(path)
     missing = [n for n in ("clip_id", "clip_path") if n not in table.column_names]
     if missing:
-        raise ValueError(f"{path} lacks column(s) {missing}; expected the curate job's clips table")
+        raise TableError(f"{path} lacks column(s) {missing}; expected the curate job's clips table")
     for name in CLIPS_SCHEMA.names:
         if name not in table.column_names:
             table = table.append_column(name, pa.nulls(table.num_rows, CLIPS_SCHEMA.field(name).type))
@@ -146,7 +146,7 @@ def run(cfg: ExtractConfig) -> dict:
     ]
     try:
         if len({r["clip_id"] for r in rows}) != len(rows):
-            raise ValueError(f"{clips_path} has duplicate clip_id values")
+            raise TableError(f"{clips_path} has duplicate clip_id values")
         results: list[dict] = []
         if rows:
             ds = ray.data.from_items(rows, override_num_blocks=len(rows))

@@ -51,7 +51,17 @@ from cogportrait.face.flame import FlameFitter, FlameModel
 from cogportrait.face.model import MOMENT_FIELDS, ClipMoments, LinearFaceModel
 from cogportrait.face.signals import FaceSignals, prepare_frames, proxy_matrix
 from cogportrait.io.atomic import AtomicParquetWriter, atomic_dir, write_json, write_table
-from cogportrait.schema import CLIPS_SCHEMA, CONTROLS_SCHEMA, EVENTS_SCHEMA, FLAME_FITS_SCHEMA, N_CHANNELS, REJECTS_SCHEMA, check_reason, identity_key
+from cogportrait.schema import (
+    CLIPS_SCHEMA,
+    CONTROLS_SCHEMA,
+    EVENTS_SCHEMA,
+    FLAME_FITS_SCHEMA,
+    N_CHANNELS,
+    REJECTS_SCHEMA,
+    TableError,
+    check_reason,
+    identity_key,
+)
 from pipelines._ray import LARGE_BLOCKS, start_ray
 
 log = logging.getLogger("cogportrait.invert")
@@ -180,7 +190,7 @@ def run(cfg: InvertConfig) -> dict:
     n = cfg.num_workers
     clip_rows = _clip_rows(files, clip_info)
     if not clip_rows:
-        raise ValueError(f"no clip in {frames_dir}")
+        raise TableError(f"no clip in {frames_dir}")
     marks = [("start", time.perf_counter())]
     # a few clips per task: a clip is ~10 ms of work, a Ray task ~100 ms of overhead here
     n_blocks = min(len(clip_rows), max(2 * n, -(-len(clip_rows) // cfg.clips_per_task)))
@@ -301,7 +311,7 @@ def _clip_rows(files: list[Path], clip_info: dict[str, tuple[str, bool]]) -> lis
     for path, cid in keys:
         if cid in seen:
             if seen[cid] != path:
-                raise ValueError(f"clip {cid} appears in more than one frames file")
+                raise TableError(f"clip {cid} appears in more than one frames file")
             continue
         seen[cid] = path
         identity, mirrored = clip_info.get(cid, (identity_key(None, cid), False))
