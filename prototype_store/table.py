@@ -38,7 +38,7 @@ def library_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return p / PARQUET_NAME, p / INDEX_DIR
 
 
-def write_prototypes(path: str | os.PathLike, table: pa.Table, row_group_size: int = 256) -> str:
+def write_prototypes(path: str | os.PathLike, table: pa.Table, row_group_size: int) -> str:
     """Write prototypes sorted by (label, event type, id), with the content fingerprint in the metadata.
 
     The sort makes each label a contiguous run of row groups, so a label filter pushed down to

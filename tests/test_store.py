@@ -12,8 +12,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from cogportrait.config import IndexConfig
 from bench.synthetic import perturb_prototypes
+from cogportrait.config import IndexConfig, PrototypesConfig
 from cogportrait.schema import (
     CHANNEL_INDEX,
     CONTROL_CHANNELS,
@@ -33,6 +33,8 @@ from prototype_store import (
 )
 from prototype_store.retrieval import brute_force, feature_weights
 from prototype_store.index import FaissSearch, sample_queries
+
+ROW_GROUP_SIZE = PrototypesConfig().row_group_size  # params.yaml's value
 
 
 def _oracle(table: pa.Table, targets, fweights, k, keep=None):
@@ -71,7 +73,7 @@ def test_scan_with_many_ties_equals_brute_force(sample_library, tmp_path):
     """Wide ranges put thousands of rows at distance 0 (the midpoint L1 then decides); plain and
     pruned scans and the sorted walk, with and without filters, all equal the brute force exactly."""
     src = pq.read_table(sample_library / "prototypes.parquet")
-    write_prototypes(tmp_path / "prototypes.parquet", perturb_prototypes(src, 5000, seed=4))
+    write_prototypes(tmp_path / "prototypes.parquet", perturb_prototypes(src, 5000, seed=4), ROW_GROUP_SIZE)
     build_index(tmp_path, IndexConfig())
     store = PrototypeStore.open(tmp_path, search="scan")
     table = pq.read_table(tmp_path / "prototypes.parquet", columns=["prototype_id", "channel_mean", "channel_max"])
@@ -252,7 +254,7 @@ def test_full_verify_catches_an_edit_that_restores_the_file_stat(sample_library,
 
 
 def test_empty_library_is_an_error(tmp_path):
-    write_prototypes(tmp_path / "prototypes.parquet", PROTOTYPES_SCHEMA.empty_table())
+    write_prototypes(tmp_path / "prototypes.parquet", PROTOTYPES_SCHEMA.empty_table(), ROW_GROUP_SIZE)
     with pytest.raises(EmptyLibraryError, match="0 prototypes"):
         build_index(tmp_path, IndexConfig())
     with pytest.raises(EmptyLibraryError, match="0 prototypes"):
@@ -277,7 +279,7 @@ def test_ivf_on_the_real_sample_library_within_measured_recall(sample_library, t
 
 def test_ivf_within_measured_recall(sample_library, tmp_path):
     src = pq.read_table(sample_library / "prototypes.parquet")
-    write_prototypes(tmp_path / "prototypes.parquet", perturb_prototypes(src, 6000, seed=2))
+    write_prototypes(tmp_path / "prototypes.parquet", perturb_prototypes(src, 6000, seed=2), ROW_GROUP_SIZE)
     meta = build_index(tmp_path, IndexConfig(ivf_threshold=1000, recall_queries=100))
     assert meta["kind"] == "ivf_flat_l1" and 0 < meta["nprobe"] <= meta["nlist"]
     assert meta["recall_at_5"] >= 0.95

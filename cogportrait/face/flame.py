@@ -283,7 +283,7 @@ class FlameFitter:
     neutral model against the targets' median shape.
     """
 
-    def __init__(self, model: FlameModel, ridge: float = 1e-3, iterations: int = 5) -> None:
+    def __init__(self, model: FlameModel, ridge: float, iterations: int = 5) -> None:
         self.model = model
         self.ridge = ridge
         self.iterations = iterations
