@@ -42,7 +42,6 @@ from cogportrait.config import CurateConfig
 from cogportrait.curate.manifest import read_manifest
 from cogportrait.curate.steps import (
     CLIPS_SORT_KEYS,
-    STEP_TIMERS,
     Row,
     apply_step,
     clip_record,
@@ -62,7 +61,7 @@ from cogportrait.curate.steps import (
 from cogportrait.curate.text import TextDetector
 from cogportrait.curate.tracking import FaceTracker
 from cogportrait.io.atomic import write_json, write_table
-from cogportrait.schema import CLIP_FPS, CLIPS_SCHEMA, REJECTS_SCHEMA
+from cogportrait.schema import CLIP_FPS, CLIPS_SCHEMA, CURATE_STEP_TIMERS as STEP_TIMERS, REJECTS_SCHEMA
 from pipelines._ray import ONE_ROW_PER_BLOCK, start_ray
 
 log = logging.getLogger("cogportrait.curate")

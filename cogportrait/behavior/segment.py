@@ -22,7 +22,6 @@ from cogportrait.config import PrototypesConfig
 from cogportrait.schema import (
     CHANNEL_INDEX,
     CLIP_FPS,
-    CONTROL_CHANNELS,
     HEAD_CHANNELS,
     N_CHANNELS,
     N_KEYPOINTS,

@@ -34,7 +34,6 @@ from cogportrait.schema import (
     CLIP_FPS,
     CLIP_SIZE,
     CURATE_ROW_SCHEMA as ROW_SCHEMA,
-    CURATE_STEP_TIMERS as STEP_TIMERS,
     REJECT_STAGES,
     check_reason,
     clip_id_for,
