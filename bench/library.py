@@ -4,7 +4,11 @@ Prints one JSON document on stdout. Libraries of 1e4, 1e5, 1e6 prototypes are sy
 perturbing a seed library (``--seed-library LIB``, e.g. data/library built from the sample clips;
 by default the synthetic upstream tables of ``bench/synthetic.py``): each row is a random
 seed row's controls resampled to 8 frames plus a per-channel offset (see ``perturb_prototypes``);
-keypoints are left empty because no index or query cost depends on them.
+keypoints are left empty because no index or query cost depends on them. ``--frames`` and
+``--keypoint-frames`` make rows realistic for the fetch measurement (prototypes are 5-100 frames,
+~30 on the sample library, with T x 62 x 2 keypoints), e.g. ``--frames 32 --keypoint-frames 32``.
+Row groups hold ``--row-group-size`` rows (default: params.yaml's prototypes.row_group_size, what
+the pipeline writes; this benchmark used 4096 before the fetch measurement).
 
 Per size it measures: writing the Parquet, building the exact (flat L1) and IVF indexes, opening
 (fingerprint check included), resident memory, query latency p50/p99 (wall, and process CPU time)
@@ -13,7 +17,9 @@ over random composer-like targets (1-4 channels, values and ranges) for the exac
 identical to the scan on every query), and the FAISS index the store does not query
 (``prototype_store.index.FaissSearch``: flat L1 with the certificate up to 1e5, IVF with its recall@5
 against exact and an nprobe curve), and a polars label + channel-range filter over the Parquet.
-``--skip-ivf`` leaves IVF out.
+``--skip-ivf`` leaves IVF out. ``fetch``: latency of ``PrototypeStore.fetch`` of 5 random rows,
+their controls only (what the composer asks for: the index's memory-mapped controls sidecar) and
+both arrays (keypoints decode their rows' Parquet row groups).
 
     nice -n 10 .venv/bin/python bench/library.py --sizes 10000 100000 1000000 > bench/out/library.json
 """
@@ -89,16 +95,34 @@ def seed_table(seed_library: str | None, work: Path):
     return pq.read_table(work / "seed" / "prototypes.parquet"), "synthetic upstream (bench/synthetic.py)"
 
 
-def bench_size(n: int, source, work: Path, n_queries: int, recall_queries: int, skip_ivf: bool = False) -> dict:
-    out: dict = {"n": n}
+def fetch_latency(store: PrototypeStore, reps: int, seed: int = 0) -> dict:
+    """p50/p99 of fetching 5 random rows, controls only and both arrays (the composer's k = 5)."""
+    rng = np.random.default_rng(seed)
+    out: dict = {"k": 5, "reps": reps, "controls_sidecar": store._controls is not None}
+    for name, arrays in (("controls", "controls"), ("arrays", True)):
+        lat, cpu = [], []
+        for _ in range(reps):
+            positions = rng.integers(0, store.n, 5)
+            c, t = time.process_time(), time.perf_counter()
+            store.fetch(positions, arrays=arrays)
+            lat.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+        out[name] = _pct(lat, cpu)
+    return out
+
+
+def bench_size(n: int, source, work: Path, n_queries: int, recall_queries: int, skip_ivf: bool = False,
+               frames: int = 8, keypoint_frames: int = 0, row_group_size: int | None = None) -> dict:
+    row_group_size = row_group_size or PrototypesConfig().row_group_size
+    out: dict = {"n": n, "frames": frames, "keypoint_frames": keypoint_frames, "row_group_size": row_group_size}
     lib = work / f"lib_{n}"
     if lib.exists():
         shutil.rmtree(lib)
     t = time.perf_counter()
-    table = perturb_prototypes(source, n, seed=n)
+    table = perturb_prototypes(source, n, seed=n, frames=frames, keypoint_frames=keypoint_frames)
     out["synthesise_s"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
-    write_prototypes(lib / "prototypes.parquet", table, row_group_size=4096)
+    write_prototypes(lib / "prototypes.parquet", table, row_group_size=row_group_size)
     out["write_parquet_s"] = round(time.perf_counter() - t, 3)
     out["parquet_mb"] = round((lib / "prototypes.parquet").stat().st_size / 2**20, 2)
     del table
@@ -140,7 +164,9 @@ def bench_size(n: int, source, work: Path, n_queries: int, recall_queries: int, 
     truth = [_top5(store, q) for q in queries[:recall_queries]]
     entry = {"index_kind": meta["kind"], "build_index_s": round(build_s, 3), "open_s": round(open_s, 3),
              "index_mb": round(sum(f.stat().st_size for f in (lib / "index").iterdir()) / 2**20, 2),
-             "rss_store_mb": round(_rss_mb() - rss0, 1), "store_arrays_mb": _store_mb(store)}
+             "rss_store_mb": round(_rss_mb() - rss0, 1), "store_arrays_mb": _store_mb(store),
+             "controls_sidecar_mb": round(sum((lib / "index" / meta["controls_sidecar"][k]).stat().st_size
+                                              for k in ("values", "offsets")) / 2**20, 2)}
     entry["scan"] = measure(store, queries)
     t = time.perf_counter()
     store.query(queries[0], k=5, arrays=True)
@@ -153,6 +179,7 @@ def bench_size(n: int, source, work: Path, n_queries: int, recall_queries: int, 
     entry["auto_sorted_orders_mb"] = round(auto._walker.nbytes / 2**20, 1) if auto._walker is not None else 0.0
     entry["auto_rss_extra_mb"] = round(_rss_mb() - rss1, 1)
     entry["auto"] = measure(auto, queries)
+    entry["fetch"] = fetch_latency(auto, max(n_queries, 100))
     # the two paths again, alternating query by query, so that both see the same load of a shared box
     pair: dict[str, list[list[float]]] = {"scan": [[], []], "auto": [[], []]}
     for i, q in enumerate(queries):
@@ -229,6 +256,10 @@ def main() -> int:
     ap.add_argument("--seed-library", help="library folder whose prototypes seed the perturbation")
     ap.add_argument("--work", help="scratch folder (default: a temp dir, removed afterwards)")
     ap.add_argument("--skip-ivf", action="store_true", help="exact paths only (IVF build and nprobe curve take minutes at 1e6)")
+    ap.add_argument("--frames", type=int, default=8, help="frames per synthesised prototype")
+    ap.add_argument("--keypoint-frames", type=int, default=0, help="keypoint frames per prototype (0: empty)")
+    ap.add_argument("--row-group-size", type=int, default=PrototypesConfig().row_group_size,
+                    help="rows per Parquet row group (default: params.yaml's prototypes.row_group_size)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="cogportrait-bench-"))
@@ -245,7 +276,8 @@ def main() -> int:
         }
         for n in args.sizes:
             log.info("size %d", n)
-            report["sizes"].append(bench_size(n, source, work, args.queries, args.recall_queries, args.skip_ivf))
+            report["sizes"].append(bench_size(n, source, work, args.queries, args.recall_queries, args.skip_ivf,
+                                              args.frames, args.keypoint_frames, args.row_group_size))
         report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -379,6 +379,122 @@ class InvertConfig:
         _check_range("num_workers", self.num_workers, 1)
 
 
+COMPILE_BACKENDS = ("rules", "openai")  # cogportrait/agents/backends.py
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    """The critic's physiological rules (paper §3.3), in seconds, degrees and channel units.
+
+    Limits come from the oculomotor and blink literature, loosened where the sample's own blinks
+    and turns go beyond them; each check reports the measured number beside its limit.
+    """
+
+    max_rounds: int = 3  # critic -> composer/planner revision rounds before the report is final
+    blink_max_s: float = 0.5  # an eye closure nobody asked to hold longer than this is not a blink
+    blink_min_interval_s: float = 0.25  # two closures closer than this (end to start) read as one flutter
+    blink_asymmetry_max: float = 0.3  # |closure left - right| at a blink's apex, unless a wink is asked
+    coactivation_brow: float = 0.35  # raised brows (max of AU1, AU2L, AU2R above rest) ...
+    coactivation_droop: float = 0.3  # ... together with AU41 above this: only where the category allows it
+    gaze_deg_per_unit: float = 30.0  # one gaze channel unit in degrees of eye rotation
+    saccade_vmax_deg_s: float = 700.0  # main sequence v_peak = vmax (1 - exp(-A / c)) (Baloh et al. 1975)
+    saccade_c_deg: float = 14.0
+    saccade_tolerance: float = 1.3  # a shift may exceed the main-sequence velocity by this factor
+    gaze_head_eccentricity_deg: float = 25.0  # gaze held this far off-centre ...
+    gaze_head_hold_s: float = 1.0  # ... for this long ...
+    gaze_head_min_turn_deg: float = 4.0  # ... needs the head to turn at least this much the same way
+    head_max_velocity_deg_s: float = 200.0  # angular speed of the head
+    head_max_yaw_deg: float = 45.0  # range of the composed pose
+    head_max_pitch_deg: float = 30.0
+    head_max_roll_deg: float = 30.0
+    channel_active: float = 0.15  # a required channel is active when it rises this far above its rest
+    blink_typical_s: float = 0.2  # a blink held too long is time-compressed to this
+    edge_s: float = 0.2  # event edges (cross-fades) target checks skip; the ramps repairs blend over
+    sustained_event_s: float = 1.0  # events this long are measured by their median level, shorter by their peak
+    target_tolerance: float = 0.05  # AU/gaze units an event's level may sit outside its target range
+    head_target_tolerance_deg: float = 2.0  # the same for head targets (degrees)
+    instruction_margin: float = 0.1  # the asked side/direction leads the other by this much (left brow > right)
+    head_direction_min_deg: float = 2.0  # "lower the head": pitch falls at least this much across the event
+    closure_duration_tolerance: float = 0.2  # an asked closure lasts within this fraction of its frames
+    gaze_head_turn_margin_deg: float = 1.0  # the head turn a gaze-head repair adds beyond gaze_head_min_turn_deg
+    repair_headroom: float = 0.9  # repairs aim this fraction inside a limit, so re-detection is not on the edge
+
+    def __post_init__(self) -> None:
+        _check_range("max_rounds", self.max_rounds, 0, 10)
+        for name in ("blink_max_s", "saccade_vmax_deg_s", "saccade_c_deg", "gaze_deg_per_unit", "gaze_head_hold_s",
+                     "head_max_velocity_deg_s", "head_max_yaw_deg", "head_max_pitch_deg", "head_max_roll_deg"):
+            _check_range(name, getattr(self, name), 1e-6)
+        _check_range("saccade_tolerance", self.saccade_tolerance, 1.0)
+        for name in ("blink_min_interval_s", "gaze_head_eccentricity_deg", "gaze_head_min_turn_deg"):
+            _check_range(name, getattr(self, name), 0.0)
+        for name in ("blink_asymmetry_max", "coactivation_brow", "coactivation_droop", "channel_active", "target_tolerance",
+                     "instruction_margin", "closure_duration_tolerance"):
+            _check_range(name, getattr(self, name), 0.0, 1.0)
+        for name in ("blink_typical_s", "edge_s", "sustained_event_s", "head_target_tolerance_deg", "head_direction_min_deg",
+                     "gaze_head_turn_margin_deg"):
+            _check_range(name, getattr(self, name), 0.0)
+        _check_range("repair_headroom", self.repair_headroom, 0.1, 1.0)
+
+
+@dataclass(frozen=True)
+class OpenAIConfig:
+    """An OpenAI-compatible chat endpoint for the agents; base URL, model and key may come from the
+    environment (OPENAI_BASE_URL, OPENAI_MODEL, and the variable named by ``api_key_env``)."""
+
+    base_url: str = ""  # e.g. http://localhost:8000/v1 (vLLM), http://localhost:11434/v1 (Ollama)
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"  # the key itself is never written in params or logs
+    timeout_s: float = 60.0
+    retries: int = 2  # re-asks after a malformed, invalid, refused or failed answer; then fall back to rules
+    temperature: float = 0.2
+
+    def __post_init__(self) -> None:
+        _check_range("timeout_s", self.timeout_s, 0.01)
+        _check_range("retries", self.retries, 0, 10)
+        _check_range("temperature", self.temperature, 0.0, 2.0)
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Stage 1: label (+ instructions) -> 17 controls -> 62 keypoints per frame (paper §3.3)."""
+
+    library: str = "data/library"  # prototype library folder (prototypes.parquet + index/)
+    face_model: str = "data/invert/face_model"  # the basis and identity baselines used by Π
+    categories: str = "datasets/emh/categories.yaml"  # category tables, S_y and tau_u
+    instructions: str = "datasets/emh/instructions.yaml"  # the instruction grammar's vocabulary
+    backend: str = "rules"
+    seed: int = 0
+    candidates: int = 8  # prototypes retrieved per event; the seed picks among the close ones
+    pick_tolerance: float = 0.1  # candidates within this Eq. 3 distance of the best are equally good
+    label_bonus: float = 0.5  # the label's own prototypes rank as if this much closer (re-rank, never a filter)
+    transition_s: float = 0.2  # cross-fade between events, and from the reference pose at frame 0
+    untargeted_gain: float = 0.5  # excursions from rest of the AU/gaze channels an event does not target are scaled by this
+    preview_size: int = 512  # preview.mp4 side in pixels
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("backend", self.backend, COMPILE_BACKENDS)
+        _check_range("candidates", self.candidates, 1, 1000)
+        _check_range("pick_tolerance", self.pick_tolerance, 0.0)
+        _check_range("label_bonus", self.label_bonus, 0.0)
+        _check_range("transition_s", self.transition_s, 0.0, 2.0)
+        _check_range("untargeted_gain", self.untargeted_gain, 0.0, 1.0)
+        _check_range("preview_size", self.preview_size, 64, 2048)
+
+
+@dataclass(frozen=True)
+class Stage1EvalConfig:
+    """Leave-one-clip-out evaluation of Stage 1 against the library's own clips (paper Table 3)."""
+
+    library: str = "data/library"
+    controls: str = "data/invert"  # the clips' real controls (controls.parquet, events.parquet)
+    frames: str = "data/extract/frames.parquet"  # the clips' real keypoints
+    clips: str = "data/curate/clips.parquet"
+    out: str = "data/eval/stage1"
+    max_clips: int = 0  # 0 = every clip of the library
+
+
 def from_mapping(cls: type[T], values: dict[str, Any] | None, section: str = "") -> T:
     """Build a config dataclass from a params mapping: unknown keys, wrong types and nested
     sections are refused with a message naming the key (``section.key``) and what is valid."""
@@ -479,8 +595,10 @@ STAGE_CONFIGS: dict[str, type] = {
     "prototypes": PrototypesConfig,
     "index": IndexConfig,
     "kto_mine": KtoConfig,
+    "compile": CompileConfig,
+    "evaluate_stage1": Stage1EvalConfig,
 }
 __all__ = [
-    "ConfigError", "CurateConfig", "EventsConfig", "ExtractConfig", "IndexConfig", "InversionSettings", "InvertConfig", "KtoConfig",
+    "COMPILE_BACKENDS", "CompileConfig", "ConfigError", "CriticConfig", "CurateConfig", "OpenAIConfig", "Stage1EvalConfig", "EventsConfig", "ExtractConfig", "IndexConfig", "InversionSettings", "InvertConfig", "KtoConfig",
     "PrototypesConfig", "RestSettings", "STAGE_CONFIGS", "from_mapping", "load_params", "load_section", "parse_value",
     "set_dotted"]

@@ -371,6 +371,7 @@ PROTOTYPE_QUALITY_FLAGS: dict[str, str] = {
     "no_keypoints": "frames.parquet had no keypoints for the span; keypoints are zeros",
 }
 PROTOTYPE_WINDOW_EVENT = "window"  # event_type of clip-level windows
+PROTOTYPE_EVENT_TYPES: tuple[str, ...] = EVENT_TYPES + (PROTOTYPE_WINDOW_EVENT,)  # what a prototype row can be
 
 KTO_CATEGORIES: tuple[str, ...] = (
     "large_head_motion", "asymmetric_brow", "erratic_gaze", "rapid_blink",
@@ -396,6 +397,23 @@ KTO_SCHEMA = pa.schema(
     ]
 )
 
+# Stage 1 outputs (cogportrait compile): one row per frame of the compiled sequence.
+COMPILED_CONTROLS_SCHEMA = pa.schema(
+    [
+        pa.field("frame", pa.int32(), nullable=False),
+        pa.field("time_s", pa.float64()),
+        pa.field("event_index", pa.int32()),  # the plan event holding the frame
+        pa.field("controls", _f32_list(N_CHANNELS)),  # head angles absolute degrees (the portrait's pose at frame 0)
+    ]
+)
+COMPILED_KEYPOINTS_SCHEMA = pa.schema(
+    [
+        pa.field("frame", pa.int32(), nullable=False),
+        pa.field("time_s", pa.float64()),
+        pa.field("keypoints", _f32_list(N_KEYPOINTS * 3)),  # 62 x (x, y, z): x, y in [0, 1] of the crop, y down
+    ]
+)
+
 TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "videos": VIDEOS_SCHEMA,
     "clips": CLIPS_SCHEMA,
@@ -406,4 +424,6 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "flame_fits": FLAME_FITS_SCHEMA,
     "prototypes": PROTOTYPES_SCHEMA,
     "kto": KTO_SCHEMA,
+    "compiled_controls": COMPILED_CONTROLS_SCHEMA,
+    "compiled_keypoints": COMPILED_KEYPOINTS_SCHEMA,
 }

@@ -30,6 +30,12 @@ def fill_gaps(values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray
     return x
 
 
+def smoothstep(u: np.ndarray) -> np.ndarray:
+    """The cubic ease 3u² − 2u³ of u clipped to [0, 1]: ramps and cross-fades with no velocity jump at either end."""
+    u = np.clip(np.asarray(u, dtype=np.float64), 0.0, 1.0)
+    return u * u * (3.0 - 2.0 * u)
+
+
 def moving_average(x: np.ndarray, n: int) -> np.ndarray:
     """Centred moving average over ``n`` frames (edges padded with the edge value), same length."""
     x = np.asarray(x, dtype=np.float64)

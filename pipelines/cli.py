@@ -23,10 +23,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
+from cogportrait.agents.categories import CategoryTableError, UnknownCategoryError
+from cogportrait.agents.compiler import CompileInputError
+from cogportrait.agents.grammar import InstructionError, VocabularyError
+from cogportrait.agents.planner import PlanningError
 from cogportrait.config import STAGE_CONFIGS, ConfigError, from_mapping, load_params, parse_value, set_dotted
 from cogportrait.curate.manifest import ManifestError
 from cogportrait.face.au_backends import AUBackendError
 from cogportrait.face.model_files import ModelFileError
+from cogportrait.face.reference import ReferencePortraitError
 from cogportrait.io.video import VideoError
 from cogportrait.schema import TableError
 from prototype_store.errors import LibraryError
@@ -37,7 +42,8 @@ log = logging.getLogger("cogportrait")
 # What a user can fix: one line, exit 2. Anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, ManifestError, ModelFileError, VideoError, TableError, LibraryError, TargetError, UnknownChannelError,
-    AUBackendError, FileNotFoundError,
+    AUBackendError, FileNotFoundError, UnknownCategoryError, CategoryTableError, InstructionError, VocabularyError,
+    PlanningError, ReferencePortraitError, CompileInputError,
 )
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -191,6 +197,20 @@ def run_models_check(cfg: Configs, args: argparse.Namespace) -> dict:
     return {"face_detector": str(face_detector_path()), "face_landmarker": str(face_landmarker_path())}
 
 
+def run_compile(cfg: Configs, args: argparse.Namespace) -> dict:
+    from pipelines.compile import CompileArgs, run
+
+    return run(cfg["compile"], cfg["invert"].events, CompileArgs(
+        label=args.label, instructions=tuple(args.instruction or ()), duration_s=args.duration, audio=args.audio,
+        reference=args.reference, out=args.out, base_url=args.base_url, model=args.model, identity=args.identity))
+
+
+def run_evaluate_stage1(cfg: Configs, args: argparse.Namespace) -> dict:
+    from pipelines.evaluate_stage1 import run
+
+    return run(cfg["evaluate_stage1"], cfg["compile"], cfg["invert"].events)
+
+
 UPSTREAM = {  # the inputs of the per-clip jobs (prototypes, kto mine)
     "controls": "invert's output folder (controls/events.parquet)",
     "clips": "curate's clips.parquet (labels, identities, audio)",
@@ -261,6 +281,30 @@ VERBS: dict[str, Verb] = {
          Option(("out",), "output .npz read by the flame face-model backend"),
          Option(("--n-shape",), "shape components before the expression ones (FLAME 2020: 300)", kwargs={"type": int, "default": 300})),
     ),
+    "compile": Verb(
+        "Stage 1: a label and/or instructions -> plan, 17 controls and 62 eye-region keypoints per frame",
+        run_compile, ("compile", "invert"),
+        (_set("compile", "library", "--library", "prototype library folder (default: params compile.library)"),
+         Option(("--label",), "behaviour label, e.g. 'cognitive effort' (the known categories: datasets/emh/categories.yaml)"),
+         Option(("--instruction",), "fine-grained instruction, e.g. 'raise your left eyebrow, then blink twice'; repeat",
+                kwargs={"action": "append"}),
+         Option(("--duration",), "length in seconds (or give --audio)", kwargs={"type": float}),
+         Option(("--audio",), "a WAV file: its length sets the duration and it is muxed into preview.mp4"),
+         Option(("--reference",), "reference portrait (its head pose starts the sequence; keypoints are placed on it)"),
+         Option(("--out",), "output folder", kwargs={"required": True}),
+         Option(("--identity",), "a library identity (face model baseline) to animate instead of the average face"),
+         _set("compile", "backend", "--backend", "rules (offline, default) or openai (any OpenAI-compatible endpoint)"),
+         _set("compile", "seed", "--seed", "random seed: same seed, same files"),
+         Option(("--base-url",), "openai backend: endpoint base URL (else compile.openai.base_url or OPENAI_BASE_URL)"),
+         Option(("--model",), "openai backend: model name (else compile.openai.model or OPENAI_MODEL)")),
+    ),
+    "evaluate stage1": Verb(
+        "leave-one-clip-out evaluation of Stage 1 (AU-F1, AU-Temp, Eye-LMD; the paper's Table 3 rows)",
+        run_evaluate_stage1, ("evaluate_stage1", "compile", "invert"),
+        (_set("evaluate_stage1", "library", "--library", "prototype library folder"),
+         _set("evaluate_stage1", "out", "--out", "output folder (report.json, table.md, metrics.json)"),
+         _set("evaluate_stage1", "max_clips", "--max-clips", "evaluate only the first N clips (0 = all)")),
+    ),
     "models check": Verb("verify the sha256 of every bundled model file", run_models_check),
 }
 GROUP_HELP = {
@@ -268,6 +312,7 @@ GROUP_HELP = {
     "kto": "KTO preference data",
     "face": "face-model utilities",
     "models": "local model files",
+    "evaluate": "evaluation harnesses (the paper's metrics)",
 }
 
 

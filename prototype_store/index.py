@@ -1,9 +1,10 @@
 """The FAISS index beside ``prototypes.parquet``: build, nprobe tuning, and its consistency checks.
 
-Layout: ``LIB/index/faiss.index`` (exact IndexFlat L1, or IVFFlat L1 from ``ivf_threshold`` rows)
-and ``LIB/index/meta.json`` (content fingerprint of the Parquet, Eq. 3 weights, index geometry,
-kind, nlist/nprobe, recall@5 measured at build; nothing machine- or time-dependent, so a rebuild
-writes the same bytes). ``PrototypeStore``
+Layout: ``LIB/index/faiss.index`` (exact IndexFlat L1, or IVFFlat L1 from ``ivf_threshold`` rows),
+the controls sidecar for cheap fetches (``table.write_controls_sidecar``: controls.f32,
+controls_offsets.npy, recorded under ``controls_sidecar``) and ``LIB/index/meta.json`` (content
+fingerprint of the Parquet, Eq. 3 weights, index geometry, kind, nlist/nprobe, recall@5 measured
+at build; nothing machine- or time-dependent, so a rebuild writes the same bytes). ``PrototypeStore``
 reads meta.json (weights, fingerprint) and answers queries by the exact walk or scan, which beat
 this index at every measured size (bench/RESULTS.md); ``FaissSearch`` queries the index itself
 (nprobe tuning, the benchmark, tests).
@@ -51,7 +52,7 @@ from prototype_store.retrieval import (
     weighted_query,
 )
 from prototype_store.scan import ColumnScan
-from prototype_store.table import library_paths, read_features
+from prototype_store.table import library_paths, read_features, write_controls_sidecar
 
 log = logging.getLogger("cogportrait.prototype_store")
 
@@ -240,6 +241,7 @@ def build_index(library: str | os.PathLike, cfg: IndexConfig) -> dict[str, Any]:
         nprobe, recall = _tune_nprobe(FaissSearch(index, geo, weighted, cfg.min_candidates), feats, cfg, nlist)
         meta.update(nprobe=nprobe, recall_at_5=recall)
     with atomic_dir(index_dir) as tmp:
+        meta["controls_sidecar"] = write_controls_sidecar(pq.ParquetFile(parquet), tmp)  # swapped in with meta.json
         faiss.write_index(index, str(tmp / INDEX_FILE))
         write_json(tmp / META_FILE, meta)
     log.info("indexed %d prototypes (%s, recall@5 %.3f)", n, meta["kind"], meta["recall_at_5"])

@@ -1,8 +1,8 @@
 """``PrototypeStore``: Eq. 3 top-k queries over one library, exact, with metadata filters.
 
 How a query is answered (see ``retrieval.py`` for D, bench/RESULTS.md for the numbers):
-* Filters. Metadata filters run in polars over the Parquet (predicate push-down; the file is
-  sorted by label so other labels' row groups are skipped) and give the allowed row positions.
+* Filters. Metadata filters run on the per-row metadata the store holds in memory (label, event
+  type, T, identity as integer codes) and give the allowed row positions; cached per combination.
 * Walk and scan, both exact and bit-identical. From ``walk_min_rows`` rows, opening the store sorts
   every feature once and a query walks those sorted orders (``walk.py``: a seed bounds the k-th
   result, the smallest sorted window of a targeted feature holds every row that can beat it,
@@ -13,12 +13,19 @@ How a query is answered (see ``retrieval.py`` for D, bench/RESULTS.md for the nu
   queried: for 1-4 targeted channels it was slower than the scan at every measured size.
 * Staleness. The index's meta.json holds the Parquet's content fingerprint and file stat; opening
   rehashes a rewritten file and refuses an index built for other content (``index.load_meta``).
+* Fetching arrays. Callers name the arrays they need (``arrays=``: the composer reads controls
+  only). Controls come from the index's memory-mapped sidecar (``table.ControlsSidecar``: a slice
+  per row, microseconds); keypoints from the Parquet, decoding only the row groups of the rows
+  asked for, through the one ``ParquetFile`` the store keeps open (re-opening it parsed the whole
+  footer per fetch: ~0.2 s at 10^6 rows in 256-row groups). An index built before the sidecar
+  existed still works, reading controls from the Parquet too.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,17 +37,23 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cogportrait.config import IndexConfig
-from cogportrait.schema import CONTROL_CHANNELS, EVENT_TYPES, N_CHANNELS, N_KEYPOINTS, PROTOTYPE_WINDOW_EVENT
+from cogportrait.schema import CONTROL_CHANNELS, N_CHANNELS, N_KEYPOINTS, PROTOTYPE_EVENT_TYPES
 from prototype_store.errors import EmptyLibraryError, LibraryError, StaleIndexError, UnknownLabelError
 from prototype_store.index import load_meta
 from prototype_store.retrieval import WeightedQuery, to_intervals, weighted_query
 from prototype_store.scan import ColumnScan
-from prototype_store.table import library_paths, read_features
+from prototype_store.table import ControlsSidecar, library_paths, list_column_values, read_features
 from prototype_store.walk import SortedFeatures
 
 
+log = logging.getLogger("cogportrait.prototype_store")
+
 SEARCH_PATHS = ("auto", "walk", "scan")
-KNOWN_EVENT_TYPES: tuple[str, ...] = EVENT_TYPES + (PROTOTYPE_WINDOW_EVENT,)
+ARRAY_COLUMNS = ("controls", "keypoints")
+ARRAY_INNER = {"controls": N_CHANNELS, "keypoints": N_KEYPOINTS * 2}  # values per frame
+# what a fetch reads: True = both arrays, False / None = neither, or one name or several names
+Arrays = bool | str | Sequence[str] | None
+KNOWN_EVENT_TYPES = PROTOTYPE_EVENT_TYPES
 META_COLUMNS = ("prototype_id", "label", "event_type", "clip_id", "video_id", "identity", "start_frame", "end_frame", "T")
 
 
@@ -92,19 +105,20 @@ class Match:
         return out
 
 
-def _list_to_numpy(col: pa.ChunkedArray | pa.Array, inner: int) -> list[np.ndarray]:
-    """A list<list<float32>> column as one (T, inner) array per row."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    out = []
-    for i in range(len(arr)):
-        row = arr[i].values
-        if row is None:
-            out.append(np.zeros((0, inner), dtype=np.float32))
-            continue
-        flat = row.flatten().to_numpy(zero_copy_only=False)
-        out.append(flat.reshape(-1, inner))
-    return out
+def array_columns(arrays: Arrays) -> tuple[str, ...]:
+    """The array columns a fetch reads, in ARRAY_COLUMNS order (``Arrays`` above).
 
+    Checked before any work, so a typo ("keypoint") fails loudly instead of silently reading both.
+    """
+    if arrays is None or isinstance(arrays, (bool, np.bool_)):
+        return ARRAY_COLUMNS if arrays else ()
+    if not isinstance(arrays, (str, Sequence)):
+        raise TypeError(f"arrays={arrays!r}: choose True, False, or among {ARRAY_COLUMNS}")
+    names = (arrays,) if isinstance(arrays, str) else tuple(arrays)
+    unknown = [x for x in names if x not in ARRAY_COLUMNS]
+    if unknown:
+        raise ValueError(f"arrays={arrays!r}: unknown {unknown}; choose True, False, or among {ARRAY_COLUMNS}")
+    return tuple(c for c in ARRAY_COLUMNS if c in names)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -115,9 +129,12 @@ class PrototypeStore:
 
     def __init__(
         self, parquet: Path, index_dir: Path, meta: dict[str, Any], feats: np.ndarray,
-        overrides: Mapping[str, Any] | None = None,
+        overrides: Mapping[str, Any] | None = None, parquet_file: pq.ParquetFile | None = None,
+        verify: str = "auto",
     ) -> None:
         self.parquet = parquet
+        # kept open for the store's life: fetches read row groups without re-parsing the footer
+        self._pf: pq.ParquetFile | None = parquet_file if parquet_file is not None else pq.ParquetFile(parquet)
         self.index_dir = index_dir
         self.meta = meta
         self.features = feats  # (N, 34) native units
@@ -132,16 +149,27 @@ class PrototypeStore:
         self.scanner = ColumnScan(feats.astype(np.float64) * self.fweights, threads=self.cfg.threads)
         self.weighted = self.scanner.cols64.T  # one float64 copy only: a row view of the columns
         # small per-row metadata stays in memory: results are assembled without touching the file
-        self._meta_table = pq.read_table(parquet, columns=list(META_COLUMNS) + ["quality_flags"]).combine_chunks()
+        self._meta_table = self._pf.read(columns=list(META_COLUMNS) + ["quality_flags"]).combine_chunks()
         labels = pc.unique(self._meta_table.column("label")).to_pylist()
         self.labels: list[str] = sorted(x for x in labels if x is not None)
         self._filter_cache: dict[tuple, np.ndarray | None] = {}
+        self._code_cache: dict[str, np.ndarray] = {}
+        self._dictionaries: dict[str, dict[str, int]] = {}
         self._mask_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._walker: SortedFeatures | None = None
         if self.cfg.search == "walk" or (self.cfg.search == "auto" and self.n >= self.cfg.walk_min_rows):
             self.walker()  # sort once at open, so no query pays for it
-        pf = pq.ParquetFile(parquet)
-        self._row_groups = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
+        md = self._pf.metadata
+        self._row_groups = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
+        sidecar = meta.get("controls_sidecar")
+        self._controls: ControlsSidecar | None = None
+        if sidecar is not None:
+            self._controls = ControlsSidecar(index_dir, sidecar, self.n, verify)
+        else:
+            log.warning(
+                "%s was indexed without the controls sidecar: fetching controls decodes Parquet row groups "
+                "(slow on large libraries); rebuild the index: `cogportrait library build --only index`", index_dir,
+            )
 
     # -- opening ----------------------------------------------------------------------------------
     @classmethod
@@ -161,17 +189,18 @@ class PrototypeStore:
         parquet, index_dir = library_paths(path)
         if not parquet.exists():
             raise LibraryError(f"no prototype library at {path} (expected {parquet}); build one with `cogportrait library build`")
-        rows = pq.ParquetFile(parquet).metadata.num_rows
+        pf = pq.ParquetFile(parquet)  # parsed once, then kept by the store
+        rows = pf.metadata.num_rows
         if rows == 0:
             raise EmptyLibraryError(
                 f"the library {parquet} holds 0 prototypes; rebuild it from non-empty controls "
                 f"(`cogportrait library build --controls DIR --out LIB`)"
             )
         meta = load_meta(parquet, index_dir, verify)
-        feats = read_features(parquet)
+        feats = read_features(parquet, pf)
         if len(feats) != meta["n"]:
             raise StaleIndexError(f"index covers {meta['n']} prototypes but {parquet} has {len(feats)}; rebuild the index")
-        return cls(parquet, index_dir, meta, feats, overrides)
+        return cls(parquet, index_dir, meta, feats, overrides, parquet_file=pf, verify=verify)
 
     # -- filters ----------------------------------------------------------------------------------
     def _check_filters(self, label: str | None, event_type: str | None) -> None:
@@ -209,22 +238,39 @@ class PrototypeStore:
         min_frames: int | None,
         identity_exclude: str | Iterable[str] | None,
     ) -> np.ndarray | None:
-        exprs = []
-        if label is not None:
-            exprs.append(pl.col("label") == label)
-        if event_type is not None:
-            exprs.append(pl.col("event_type") == event_type)
-        if min_frames is not None:
-            exprs.append(pl.col("T") >= int(min_frames))
-        if identity_exclude is not None:
-            excluded = [identity_exclude] if isinstance(identity_exclude, str) else list(identity_exclude)
-            if excluded:
-                exprs.append(~pl.col("identity").is_in(excluded) | pl.col("identity").is_null())
-        if not exprs:
+        """From the in-memory metadata: integer codes per string column, so a filter is a few numpy
+        comparisons (~1 ms at 1e6 rows) instead of a Parquet scan (~135 ms at 1e6, the first time
+        each of a compile's event types was asked)."""
+        excluded = [identity_exclude] if isinstance(identity_exclude, str) else list(identity_exclude or ())
+        if label is None and event_type is None and min_frames is None and not excluded:
             return None
-        lf = pl.scan_parquet(self.parquet).select("label", "event_type", "T", "identity").with_row_index("_row")
-        rows = lf.filter(pl.all_horizontal(exprs)).select("_row").collect()["_row"].to_numpy()
-        return rows.astype(np.int64)
+        mask = np.ones(self.n, dtype=bool)
+        for column, value in (("label", label), ("event_type", event_type)):
+            if value is not None:
+                mask &= self._codes(column) == self._code_of(column, value)
+        if min_frames is not None:
+            mask &= self._codes("T") >= int(min_frames)
+        if excluded:
+            mask &= ~np.isin(self._codes("identity"), [self._code_of("identity", x) for x in excluded])
+        return np.flatnonzero(mask).astype(np.int64)
+
+    def _codes(self, column: str) -> np.ndarray:
+        """A metadata column as integers (strings: dictionary codes, null = -1), built once."""
+        if column not in self._code_cache:
+            col = self._meta_table.column(column)
+            if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+                encoded = pc.dictionary_encode(col).combine_chunks()
+                self._dictionaries[column] = {v: i for i, v in enumerate(encoded.dictionary.to_pylist())}
+                codes = pc.fill_null(encoded.indices, -1)
+            else:
+                codes = col
+            self._code_cache[column] = np.asarray(codes.to_numpy(zero_copy_only=False))
+        return self._code_cache[column]
+
+    def _code_of(self, column: str, value: str) -> int:
+        """The code of ``value`` in a string column; -2 (matches nothing) when absent."""
+        self._codes(column)
+        return self._dictionaries[column].get(value, -2)
 
     # -- search -----------------------------------------------------------------------------------
     def search(self, q: WeightedQuery, k: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -270,8 +316,17 @@ class PrototypeStore:
         return mask
 
     def close(self) -> None:
-        """Stop the scan threads (also done at interpreter exit)."""
+        """Stop the scan threads (also done at interpreter exit) and close the Parquet file."""
         self.scanner.close()
+        if self._pf is not None:
+            self._pf.close()
+            self._pf = None
+
+    def _parquet_file(self) -> pq.ParquetFile:
+        """The open Parquet file (re-opened after ``close``, so a closed store still answers)."""
+        if self._pf is None:
+            self._pf = pq.ParquetFile(self.parquet)
+        return self._pf
 
     def __enter__(self) -> PrototypeStore:
         return self
@@ -288,15 +343,17 @@ class PrototypeStore:
         k: int = 5,
         min_frames: int | None = None,
         identity_exclude: str | Iterable[str] | None = None,
-        arrays: bool = True,
+        arrays: Arrays = True,
     ) -> list[Match]:
         """Top-k prototypes by Eq. 3 for ``targets`` ({channel: value | [lo, hi] | "lo..hi"}).
 
-        Head angles are in degrees. Ties are broken by the distance to the range midpoints, then by
-        prototype id. Filters that match nothing give an empty list.
+        ``arrays`` says which per-frame arrays the results carry (see ``fetch``). Head angles are in
+        degrees. Ties are broken by the distance to the range midpoints, then by prototype id.
+        Filters that match nothing give an empty list.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        array_columns(arrays)  # a bad value fails before the search, not after
         intervals = to_intervals(targets)
         self._check_filters(label, event_type)
         q = weighted_query(intervals, self.fweights)
@@ -304,10 +361,16 @@ class PrototypeStore:
         pos, dist = self.search(q, k, rows)
         return self.fetch(pos, dist, arrays=arrays)
 
-    def fetch(self, positions: np.ndarray, distances: np.ndarray | None = None, arrays: bool = True) -> list[Match]:
-        """Rows at ``positions`` as Match objects, in order; arrays come from their row groups only."""
+    def fetch(self, positions: np.ndarray, distances: np.ndarray | None = None, arrays: Arrays = True) -> list[Match]:
+        """Rows at ``positions`` as Match objects, in order (duplicates allowed).
+
+        ``arrays``: True = controls and keypoints, False = neither, "controls" / "keypoints" / a
+        sequence of those names = just these (the composer asks for "controls": a memory-map slice
+        per row; keypoints decode their rows' Parquet row groups). Every array is a fresh copy.
+        """
         if len(positions) == 0:
             return []
+        columns = array_columns(arrays)
         positions = np.asarray(positions, dtype=np.int64)
         records = self._meta_table.take(pa.array(positions)).to_pylist()
         rows: dict[int, dict[str, Any]] = {}
@@ -315,21 +378,24 @@ class PrototypeStore:
             rec["channel_mean"] = self.features[p, :N_CHANNELS].copy()
             rec["channel_max"] = self.features[p, N_CHANNELS:].copy()
             rows[p] = rec
-        if arrays:
-            pf = pq.ParquetFile(self.parquet)
-            groups = np.searchsorted(self._row_groups, positions, side="right") - 1
-            for g in sorted(set(groups.tolist())):
-                wanted = [int(p) for p, gg in zip(positions, groups) if gg == g]
-                table = pf.read_row_group(g, columns=["controls", "keypoints"])
-                sub = table.take(pa.array([p - int(self._row_groups[g]) for p in wanted]))
-                ctrl = _list_to_numpy(sub.column("controls"), N_CHANNELS)
-                kps = _list_to_numpy(sub.column("keypoints"), N_KEYPOINTS * 2)
-                for i, p in enumerate(wanted):
-                    rows[p]["controls"] = ctrl[i]
-                    rows[p]["keypoints"] = kps[i].reshape(-1, N_KEYPOINTS, 2)
+        unique = sorted(rows)
+        from_parquet = list(columns)
+        if "controls" in columns and self._controls is not None:
+            from_parquet.remove("controls")
+            for p in unique:
+                rows[p]["controls"] = self._controls.get(p)
+        if from_parquet:
+            for name, per_row in self._read_arrays(np.asarray(unique, dtype=np.int64), from_parquet).items():
+                for p, arr in zip(unique, per_row):
+                    rows[p][name] = arr.reshape(-1, N_KEYPOINTS, 2) if name == "keypoints" else arr
         out = []
-        for r, p in enumerate(positions):
-            rec = rows[int(p)]
+        handed_out: set[int] = set()
+        for r, p in enumerate(positions.tolist()):
+            rec = rows[p]
+            if p in handed_out:  # a duplicate position gets its own arrays, not an alias of the first
+                rec = {**rec, **{c: rec[c].copy() for c in ("controls", "keypoints", "channel_mean", "channel_max")
+                                 if rec.get(c) is not None}}
+            handed_out.add(p)
             out.append(
                 Match(
                     rank=r + 1,
@@ -352,15 +418,36 @@ class PrototypeStore:
             )
         return out
 
-    def get(self, prototype_id: str, arrays: bool = True) -> Match:
-        """One prototype by id (a clear KeyError naming the library when absent)."""
-        rows = (
-            pl.scan_parquet(self.parquet).select("prototype_id").with_row_index("_row")
-            .filter(pl.col("prototype_id") == prototype_id).select("_row").collect()["_row"].to_numpy()
-        )
-        if len(rows) == 0:
+    def _read_arrays(self, unique: np.ndarray, columns: Sequence[str]) -> dict[str, list[np.ndarray]]:
+        """``columns`` of the sorted distinct rows ``unique``, from their row groups only.
+
+        One read of just those groups and columns, single-threaded (for a handful of groups the
+        thread pool costs more than it saves, and doubles p99 on a loaded machine), then a take of
+        the wanted rows before any conversion to numpy.
+        """
+        groups = np.searchsorted(self._row_groups, unique, side="right") - 1
+        read = np.unique(groups)
+        sizes = self._row_groups[read + 1] - self._row_groups[read]
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # each read group's first row in the table
+        local = starts[np.searchsorted(read, groups)] + unique - self._row_groups[groups]
+        table = self._parquet_file().read_row_groups(read.tolist(), columns=list(columns), use_threads=False)
+        sub = table.take(pa.array(local))
+        out: dict[str, list[np.ndarray]] = {}
+        for name in columns:
+            values, offsets = list_column_values(sub.column(name), ARRAY_INNER[name])
+            out[name] = [values[offsets[i] : offsets[i + 1]].copy() for i in range(len(unique))]
+        return out
+
+    def get(self, prototype_id: str, arrays: Arrays = True) -> Match:
+        """One prototype by id (a clear KeyError naming the library when absent).
+
+        Looked up in the in-memory id column: the file is sorted by label first, so ids are not in
+        an order a search could use, but a vectorised compare of 10^6 strings takes milliseconds.
+        """
+        pos = pc.index(self._meta_table.column("prototype_id"), pa.scalar(prototype_id, pa.string())).as_py()
+        if pos is None or pos < 0:
             raise KeyError(f"no prototype {prototype_id!r} in {self.parquet}")
-        return self.fetch(rows.astype(np.int64), None, arrays=arrays)[0]
+        return self.fetch(np.array([pos], dtype=np.int64), None, arrays=arrays)[0]
 
     def stats(self) -> dict[str, Any]:
         """Counts per label and event type, length statistics, index kind and recall."""

@@ -15,7 +15,7 @@ from conftest import REPO
 
 CHOICE_KEYS = {"curate": "scene_detector", "extract": "au_backend", "invert": "pose_refine", "index": "search"}
 CONFIG_VERBS = [name for name, verb in VERBS.items() if verb.sections]
-REQUIRED_ARGS = {"library query": ["--target", "AU45=1"]}
+REQUIRED_ARGS = {"library query": ["--target", "AU45=1"], "compile": ["--out", "/tmp/cogportrait-cli-test"]}
 
 
 def _argv(verb: str) -> list[str]:

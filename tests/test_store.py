@@ -453,3 +453,215 @@ def test_walk_is_the_default_for_large_libraries(sample_library, tmp_path):
         ref = [(m.prototype_id, m.distance) for m in scan.query(targets, k=6, arrays=False, **kwargs)]
         for store in (auto, small, tight):
             assert [(m.prototype_id, m.distance) for m in store.query(targets, k=6, arrays=False, **kwargs)] == ref
+
+
+# ------------------------------------------------------------------------------------------------
+# fetching arrays: the controls sidecar, keypoints from their row groups, the `arrays` choice
+# ------------------------------------------------------------------------------------------------
+ARRAY_CHOICES = [True, False, None, "controls", "keypoints", ("controls",), ["keypoints", "controls"]]
+
+
+def _nested(rows: list[np.ndarray | None], inner: int) -> pa.Array:
+    """list<fixed_size_list<float32>[inner]> from per-row (T, inner) arrays; None = a null row."""
+    lengths = [0 if r is None else len(r) for r in rows]
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    flat = np.concatenate([r.reshape(-1) for r in rows if r is not None]).astype(np.float32)
+    values = pa.FixedSizeListArray.from_arrays(pa.array(flat), inner)
+    return pa.ListArray.from_arrays(offsets, values, mask=pa.array([r is None for r in rows]))
+
+
+def _arrays_table(n: int, seed: int) -> pa.Table:
+    """n prototypes of 0-40 frames with distinct random controls and keypoints, a null row of each."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(5, 41, n)
+    lengths[7] = 0  # an empty prototype: zero-frame arrays
+    ctrl = [rng.random((t, N_CHANNELS), dtype=np.float32) for t in lengths]
+    kps = [rng.random((t, 62 * 2), dtype=np.float32) for t in lengths]
+    kps[11] = None  # null keypoints: read as zero frames
+    ctrl[13] = None
+    mean = np.stack([c.mean(axis=0) if c is not None and len(c) else np.zeros(N_CHANNELS, np.float32) for c in ctrl])
+    peak = np.stack([c.max(axis=0) if c is not None and len(c) else np.zeros(N_CHANNELS, np.float32) for c in ctrl])
+    return pa.table({
+        "prototype_id": [f"p{i:05d}" for i in range(n)],
+        "label": [f"label{i % 3}" for i in range(n)],  # the sort by label interleaves the ids
+        "event_type": ["window"] * n,
+        "clip_id": [f"c{i % 17}" for i in range(n)],
+        "video_id": [f"v{i % 5}" for i in range(n)],
+        "identity": [f"id{i % 4}" for i in range(n)],
+        "start_frame": np.zeros(n, dtype=np.int32),
+        "end_frame": lengths.astype(np.int32),
+        "T": lengths.astype(np.int32),
+        "controls": _nested(ctrl, N_CHANNELS),
+        "keypoints": _nested(kps, 62 * 2),
+        "channel_mean": pa.FixedSizeListArray.from_arrays(pa.array(mean.reshape(-1)), N_CHANNELS),
+        "channel_max": pa.FixedSizeListArray.from_arrays(pa.array(peak.reshape(-1)), N_CHANNELS),
+        "face_coverage": np.ones(n, dtype=np.float32),
+        "mean_residual_error": np.zeros(n, dtype=np.float32),
+        "quality_flags": [[] for _ in range(n)],
+    })
+
+
+@pytest.fixture(scope="module")
+def arrays_library(tmp_path_factory):
+    """600 variable-length prototypes in 64-row groups (10 groups), indexed: sidecar and Parquet."""
+    lib = tmp_path_factory.mktemp("lib_arrays")
+    write_prototypes(lib / "prototypes.parquet", _arrays_table(600, seed=3), 64)
+    build_index(lib, IndexConfig())
+    assert pq.ParquetFile(lib / "prototypes.parquet").num_row_groups == 10
+    return lib
+
+
+def _brute_rows(parquet, positions) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(id, controls (T, 17), keypoints (T, 62, 2)) of each position, read row by row from the file."""
+    table = pq.read_table(parquet, columns=["prototype_id", "controls", "keypoints"])
+    out = []
+    for p in positions:
+        row = table.slice(int(p), 1).to_pylist()[0]
+        ctrl = np.asarray(row["controls"] or [], dtype=np.float32).reshape(-1, N_CHANNELS)
+        kps = np.asarray(row["keypoints"] or [], dtype=np.float32).reshape(-1, 62, 2)
+        out.append((row["prototype_id"], ctrl, kps))
+    return out
+
+
+def _assert_fetch_equals_file(store: PrototypeStore, positions, arrays) -> None:
+    want_ctrl = arrays is True or arrays == "controls" or (isinstance(arrays, (tuple, list)) and "controls" in arrays)
+    want_kps = arrays is True or arrays == "keypoints" or (isinstance(arrays, (tuple, list)) and "keypoints" in arrays)
+    got = store.fetch(np.asarray(positions), arrays=arrays)
+    assert len(got) == len(positions)
+    for rank, (m, (pid, ctrl, kps)) in enumerate(zip(got, _brute_rows(store.parquet, positions)), start=1):
+        assert (m.rank, m.prototype_id) == (rank, pid)
+        if want_ctrl:
+            assert m.controls.dtype == np.float32 and m.controls.shape == (len(ctrl), N_CHANNELS)
+            assert np.array_equal(m.controls, ctrl)
+        else:
+            assert m.controls is None
+        if want_kps:
+            assert m.keypoints.dtype == np.float32 and m.keypoints.shape == (len(kps), 62, 2)
+            assert np.array_equal(m.keypoints, kps)
+        else:
+            assert m.keypoints is None
+
+
+def _position_sets(n: int) -> list[list[int]]:
+    rng = np.random.default_rng(11)
+    return [
+        [0], [n - 1], [63, 64, 127, 128],  # first and last rows, both sides of group boundaries
+        rng.integers(0, n, 12).tolist(),  # rows in many groups, unsorted
+        [5, n - 1, 5, 0, 5],  # duplicates keep their order
+        [7, 11, 13],  # zero frames, null keypoints, null controls
+        rng.permutation(n)[:5].tolist(),
+    ]
+
+
+@pytest.mark.parametrize("arrays", ARRAY_CHOICES)
+def test_fetch_equals_a_row_by_row_read_of_the_parquet(arrays_library, arrays):
+    store = PrototypeStore.open(arrays_library)
+    assert store._controls is not None  # controls come from the sidecar
+    for positions in _position_sets(store.n):
+        _assert_fetch_equals_file(store, positions, arrays)
+    store.close()
+
+
+def test_fetch_without_the_sidecar_reads_the_parquet(arrays_library, tmp_path, caplog):
+    """An index built before the sidecar existed still opens and fetches the same arrays."""
+    import json
+
+    lib = tmp_path / "lib"
+    shutil.copytree(arrays_library, lib)
+    meta_path = lib / "index" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    info = meta.pop("controls_sidecar")
+    meta_path.write_text(json.dumps(meta))
+    for name in (info["values"], info["offsets"]):
+        (lib / "index" / name).unlink()
+    with caplog.at_level("WARNING", logger="cogportrait.prototype_store"):
+        store = PrototypeStore.open(lib)
+    assert store._controls is None and "without the controls sidecar" in caplog.text
+    for arrays in (True, "controls"):
+        for positions in _position_sets(store.n):
+            _assert_fetch_equals_file(store, positions, arrays)
+
+
+def test_the_sidecar_is_checked_and_rebuilt_with_the_index(arrays_library, tmp_path):
+    import json
+
+    lib = tmp_path / "lib"
+    shutil.copytree(arrays_library, lib)
+    meta = json.loads((lib / "index" / "meta.json").read_text())
+    info = meta["controls_sidecar"]
+    total = int(pc.sum(pc.list_value_length(pq.read_table(lib / "prototypes.parquet").column("controls"))).as_py())
+    assert (info["rows"], info["frames"]) == (600, total)
+    values = lib / "index" / info["values"]
+    assert values.stat().st_size == total * N_CHANNELS * 4
+    original = values.read_bytes()
+    # a rebuild of the same Parquet writes the same bytes (and the same meta record)
+    build_index(lib, IndexConfig())
+    assert values.read_bytes() == original
+    assert json.loads((lib / "index" / "meta.json").read_text())["controls_sidecar"] == info
+    # a truncated sidecar is refused at every open
+    values.write_bytes(original[:-4])
+    with pytest.raises(StaleIndexError, match="controls sidecar"):
+        PrototypeStore.open(lib)
+    # a same-size edit passes the cheap checks; verify="full" rehashes and refuses it
+    edited = bytearray(original)
+    edited[100] ^= 0xFF
+    values.write_bytes(bytes(edited))
+    PrototypeStore.open(lib)
+    with pytest.raises(StaleIndexError, match="edited after indexing"):
+        PrototypeStore.open(lib, verify="full")
+    values.unlink()
+    with pytest.raises(StaleIndexError, match="lacks the controls sidecar"):
+        PrototypeStore.open(lib)
+    # new content: the Parquet's staleness check refuses the old index, the rebuild serves the new rows
+    write_prototypes(lib / "prototypes.parquet", _arrays_table(300, seed=4), 64)
+    with pytest.raises(StaleIndexError, match="stale index"):
+        PrototypeStore.open(lib)
+    build_index(lib, IndexConfig())
+    store = PrototypeStore.open(lib, verify="full")
+    _assert_fetch_equals_file(store, [0, 150, 299, 150], "controls")
+
+
+def test_arrays_choice_is_validated_and_passed_through_query(arrays_library):
+    store = PrototypeStore.open(arrays_library)
+    for bad in ("kp", ("controls", "frames"), 3):
+        with pytest.raises((ValueError, TypeError), match="arrays"):
+            store.fetch(np.array([0]), arrays=bad)
+    with pytest.raises(ValueError, match="arrays"):
+        store.query({"AU45L": 0.5}, k=3, arrays="everything")
+    targets = {"AU45L": [0.4, 0.6], "pitch": [-5, 5]}
+    full = store.query(targets, k=5)  # arrays=True stays the default: both arrays
+    assert all(m.controls is not None and m.keypoints is not None for m in full)
+    ctrl = store.query(targets, k=5, arrays="controls")
+    assert [m.prototype_id for m in ctrl] == [m.prototype_id for m in full]
+    for a, b in zip(ctrl, full):
+        assert b.keypoints is not None and a.keypoints is None and np.array_equal(a.controls, b.controls)
+    kps = store.query(targets, k=5, arrays=("keypoints",))
+    assert all(m.controls is None and np.array_equal(m.keypoints, b.keypoints) for m, b in zip(kps, full))
+    assert all(m.controls is None and m.keypoints is None for m in store.query(targets, k=5, arrays=False))
+    got = store.get(full[2].prototype_id, arrays="controls")
+    assert got.prototype_id == full[2].prototype_id and np.array_equal(got.controls, full[2].controls)
+    with pytest.raises(KeyError, match="no prototype"):
+        store.get("no-such-id")
+
+
+def test_fetched_arrays_are_owned_copies(arrays_library):
+    """The composer rescales what it fetched: no array aliases another result, the sidecar or a later fetch."""
+    store = PrototypeStore.open(arrays_library)
+    first = store.fetch(np.array([20, 20, 300]), arrays=True)
+    reference = [m.controls.copy() for m in first]
+    for m in first:
+        assert m.controls.flags.writeable and m.keypoints.flags.writeable
+    first[0].controls *= 2.0
+    first[0].keypoints[:] = 0.0
+    assert np.array_equal(first[1].controls, reference[1])  # the duplicate was not touched
+    again = store.fetch(np.array([20]), arrays=True)[0]
+    assert np.array_equal(again.controls, reference[0]) and again.keypoints.any()
+    store.close()  # a closed store re-opens its file when asked again
+    _assert_fetch_equals_file(store, [0, 599], True)
+
+
+def test_fetch_on_the_real_sample_library(sample_library):
+    """Every row of the real library: sidecar controls and row-group keypoints equal the file's."""
+    store = PrototypeStore.open(sample_library)
+    assert store._controls is not None
+    _assert_fetch_equals_file(store, list(range(store.n)) + [0, store.n - 1], True)

@@ -207,10 +207,22 @@ def read_frames_at(path: str | os.PathLike, info: VideoInfo, indices: list[int])
 
 
 class VideoWriter:
-    """H.264 writer for RGB frames at a fixed rate, made visible atomically on close."""
+    """H.264 writer for RGB frames at a fixed rate, made visible atomically on close.
+
+    With ``audio_rate`` the file also gets an AAC track (``audio_channels`` 1 or 2) that
+    ``write_audio`` fills; the stream has to be declared before the first frame is muxed.
+    """
 
     def __init__(
-        self, path: str | os.PathLike, fps: int, size: int, preset: str = "ultrafast", crf: int = 18, threads: int = 1
+        self,
+        path: str | os.PathLike,
+        fps: int,
+        size: int,
+        preset: str = "ultrafast",
+        crf: int = 18,
+        threads: int = 1,
+        audio_rate: int | None = None,
+        audio_channels: int = 1,
     ) -> None:
         self._ctx = atomic_path(path, ".mp4")
         tmp = self._ctx.__enter__()
@@ -221,6 +233,14 @@ class VideoWriter:
         self._stream.pix_fmt = "yuv420p"
         self._stream.options = {"preset": preset, "crf": str(crf), "threads": str(threads)}
         self.n_frames = 0
+        self._audio = None
+        self._audio_pts = 0
+        self._audio_buf: np.ndarray | None = None
+        if audio_rate is not None:
+            if audio_channels not in (1, 2):
+                raise ValueError(f"audio_channels must be 1 or 2, got {audio_channels}")
+            layout = "mono" if audio_channels == 1 else "stereo"
+            self._audio = self._container.add_stream("aac", rate=int(audio_rate), layout=layout)
 
     def write(self, rgb: np.ndarray) -> None:
         self._encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24"))
@@ -235,10 +255,42 @@ class VideoWriter:
             self._container.mux(packet)
         self.n_frames += 1
 
+    def write_audio(self, samples: np.ndarray) -> None:
+        """Append float samples in [-1, 1], shaped (channels, n), to the AAC track.
+
+        Encoded in whole encoder frames (1024 samples); the remainder waits for the next call or
+        for ``close``. The muxer interleaves, so audio may come after all the frames.
+        """
+        if self._audio is None:
+            raise RuntimeError("this VideoWriter was opened without audio_rate")
+        x = np.asarray(samples, dtype=np.float32).reshape(len(self._audio.layout.channels), -1)
+        self._audio_buf = np.concatenate([self._audio_buf, x], axis=1) if self._audio_buf is not None else x
+        step = self._audio.codec_context.frame_size or 1024
+        while self._audio_buf.shape[1] >= step:
+            self._encode_audio(self._audio_buf[:, :step])
+            self._audio_buf = self._audio_buf[:, step:]
+
+    def _encode_audio(self, chunk: np.ndarray | None) -> None:
+        """Encode one frame of samples (``None`` flushes the encoder)."""
+        frame = None
+        if chunk is not None:
+            layout = self._audio.layout.name
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="fltp", layout=layout)
+            frame.sample_rate = rate = self._audio.codec_context.sample_rate
+            frame.time_base = Fraction(1, rate)
+            frame.pts = self._audio_pts
+            self._audio_pts += frame.samples
+        for packet in self._audio.encode(frame):
+            self._container.mux(packet)
+
     def close(self, ok: bool = True) -> None:
         try:
             for packet in self._stream.encode():
                 self._container.mux(packet)
+            if self._audio is not None:
+                if self._audio_buf is not None and self._audio_buf.shape[1]:
+                    self._encode_audio(self._audio_buf)  # AAC takes a shorter last frame
+                self._encode_audio(None)
         finally:
             self._container.close()
             if ok:

@@ -1,0 +1,189 @@
+"""``cogportrait compile``: a label (+ instructions) -> 62 eye-region keypoints per frame (Stage 1).
+
+Not a Ray job: one compile is milliseconds of work. This module wires the pieces the core
+library provides to the prototype store (a layer above it) and writes the outputs:
+
+    plan.json, composition.json, critic.json       the agents' validated answers
+    controls.parquet (T x 17), keypoints.parquet (T x 62 x 3)
+    channels.png     the 17 channels with the events shaded
+    preview.mp4      the keypoints drawn on the reference portrait (audio muxed when given)
+    blendshapes.csv  the controls as ARKit-52 curves in the Live Link Face CSV layout
+    summary.json     what ran, how long each part took, the critic's verdict
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cogportrait.agents.categories import load_categories
+from cogportrait.agents.compiler import CompileInputError, CompileRequest, CompileResult, Stage1Compiler
+from cogportrait.agents.planner import RulesPlanner
+from cogportrait.config import CompileConfig, EventsConfig
+from cogportrait.face.mapping import average_baseline, load_face_model
+from cogportrait.face.reference import Reference, neutral_reference, read_reference
+from cogportrait.io.atomic import write_json, write_table
+from cogportrait.schema import CLIP_FPS, COMPILED_CONTROLS_SCHEMA, COMPILED_KEYPOINTS_SCHEMA, N_KEYPOINTS
+
+log = logging.getLogger("cogportrait")
+
+
+def n_frames_for(duration_s: float | None, audio: str | None) -> int:
+    """T = round(duration x 25), or the audio file's length in frames."""
+    if (duration_s is None) == (audio is None):
+        raise CompileInputError("give exactly one of --duration SECONDS or --audio FILE.wav")
+    if audio is not None:
+        from cogportrait.io.audio import read_wav
+
+        if not Path(audio).is_file():
+            raise CompileInputError(f"audio file {audio} not found")
+        try:
+            samples, rate, channels = read_wav(audio)
+        except (EOFError, OSError, ValueError) as err:  # wave.Error is an Exception subclass of its own
+            raise CompileInputError(f"cannot read audio {audio} as PCM WAV: {err}") from None
+        duration_s = len(samples) / max(channels, 1) / rate
+    assert duration_s is not None
+    if not math.isfinite(duration_s) or duration_s <= 0:
+        raise CompileInputError(f"duration must be a positive number of seconds, got {duration_s}")
+    n = int(round(duration_s * CLIP_FPS))
+    if n < 1:
+        raise CompileInputError(f"{duration_s} s is shorter than one frame at {CLIP_FPS} fps")
+    return n
+
+
+def make_backend(cfg: CompileConfig, base_url: str | None = None, model: str | None = None) -> tuple[Any, str | None]:
+    """The configured agent backend (``None``: the compiler's own rules backend) and, when the
+    openai backend cannot even be configured, the warning that says why rules answer instead."""
+    if cfg.backend == "rules":
+        return None, None
+    from cogportrait.agents.backends import BackendUnavailable
+    from cogportrait.agents.openai_backend import OpenAIBackend
+
+    try:
+        return OpenAIBackend.from_config(cfg.openai, base_url, model), None
+    except BackendUnavailable as err:
+        why = f"openai backend unavailable ({err}); using the rules backend"
+        log.warning(why)
+        return None, why
+
+
+def open_compiler(
+    cfg: CompileConfig, events_cfg: EventsConfig, library: str | None = None, backend: Any = None,
+    store_overrides: dict[str, Any] | None = None,
+) -> Stage1Compiler:
+    """Open the library, face model and tables once; compile as often as you like."""
+    from prototype_store import PrototypeStore
+
+    store = PrototypeStore.open(library or cfg.library, **(store_overrides or {}))
+    folder = Path(cfg.face_model)
+    if not (folder / "model.json").is_file():
+        raise CompileInputError(f"no face model at {folder} (run `cogportrait invert`, or set compile.face_model)")
+    model, baselines = load_face_model(folder)
+    if not baselines:
+        raise CompileInputError(f"the face model at {folder} holds no identity baseline")
+    categories = load_categories(cfg.categories)
+    planner = RulesPlanner.from_config(cfg, categories)
+    return Stage1Compiler(store, model, baselines, average_baseline(baselines), categories, planner, cfg, events_cfg,
+                          backend=backend)
+
+
+def event_of_frames(result: CompileResult) -> np.ndarray:
+    T = len(result.controls)
+    idx = np.full(T, -1, dtype=np.int32)
+    for ec in result.composition.events:
+        idx[ec.start_frame : ec.end_frame] = ec.event_index
+    return idx
+
+
+def write_outputs(
+    out: str | os.PathLike, result: CompileResult, reference: Reference, cfg: CompileConfig, audio: str | None = None,
+) -> dict[str, str]:
+    """Every artefact of one compile, each written atomically."""
+    from cogportrait.behavior.plot import plot_channels
+    from cogportrait.face.arkit import write_live_link_csv
+    from cogportrait.io.preview import write_preview
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    T = len(result.controls)
+    times = np.arange(T) / CLIP_FPS
+    paths = {name: out / name for name in ("plan.json", "composition.json", "critic.json", "controls.parquet",
+                                           "keypoints.parquet", "channels.png", "preview.mp4", "blendshapes.csv")}
+    for name, model in (("plan.json", result.plan), ("composition.json", result.composition), ("critic.json", result.report)):
+        if model is not None:
+            write_json(paths[name], json.loads(model.model_dump_json()))
+    write_table(paths["controls.parquet"], pa.table({
+        "frame": pa.array(np.arange(T, dtype=np.int32)), "time_s": pa.array(times),
+        "event_index": pa.array(event_of_frames(result)),
+        "controls": pa.FixedSizeListArray.from_arrays(pa.array(result.controls.reshape(-1)), result.controls.shape[1]),
+    }), COMPILED_CONTROLS_SCHEMA)
+    write_table(paths["keypoints.parquet"], pa.table({
+        "frame": pa.array(np.arange(T, dtype=np.int32)), "time_s": pa.array(times),
+        "keypoints": pa.FixedSizeListArray.from_arrays(pa.array(result.keypoints.reshape(-1)), N_KEYPOINTS * 3),
+    }), COMPILED_KEYPOINTS_SCHEMA)
+    spans = [(e.start_frame, e.end_frame, e.stage) for e in result.plan.events] if result.plan else []
+    title = f"{result.plan.label or 'instruction'}" if result.plan else result.variant
+    plot_channels(result.controls, spans, paths["channels.png"], title=title, fps=CLIP_FPS)
+    write_preview(paths["preview.mp4"], result.keypoints, reference.image, size=cfg.preview_size, fps=CLIP_FPS,
+                  audio_path=audio)
+    write_live_link_csv(paths["blendshapes.csv"], result.controls, result.rest, CLIP_FPS, cfg.critic.gaze_deg_per_unit)
+    return {k: str(v) for k, v in paths.items()}
+
+
+@dataclass(frozen=True)
+class CompileArgs:
+    label: str | None
+    instructions: tuple[str, ...]
+    duration_s: float | None
+    audio: str | None
+    reference: str | None
+    out: str
+    base_url: str | None = None
+    model: str | None = None
+    identity: str | None = None  # a library identity: Π uses its own baseline instead of the average face
+
+
+def run(cfg: CompileConfig, events_cfg: EventsConfig, args: CompileArgs) -> dict[str, Any]:
+    """The command: validate the inputs, compile, write, summarise."""
+    t0 = time.perf_counter()
+    if not args.label and not args.instructions:
+        raise CompileInputError("give --label, --instruction, or both")
+    n_frames = n_frames_for(args.duration_s, args.audio)
+    reference = read_reference(args.reference) if args.reference else neutral_reference(cfg.preview_size)
+    backend, why = make_backend(cfg, args.base_url, args.model)
+    compiler = open_compiler(cfg, events_cfg, backend=backend)
+    if args.identity is not None and args.identity not in compiler.baselines:
+        known = sorted(compiler.baselines)
+        raise CompileInputError(f"identity {args.identity!r} is not in the face model ({len(known)} known: "
+                                f"{', '.join(known[:8])}{', ...' if len(known) > 8 else ''})")
+    label = compiler.categories.canonical(args.label) if args.label else None
+    if label is None and args.label and cfg.backend == "rules":
+        compiler.categories.get(args.label)  # raises the unknown-label error that lists the known ones
+    for text in args.instructions:
+        compiler.rules.planner.parse(text)  # an unreadable instruction fails before any work
+    request = CompileRequest(label=label or args.label, instructions=args.instructions, n_frames=n_frames,
+                             start_pose=tuple(float(v) for v in reference.head_pose),
+                             placement=reference.placement, identity=args.identity, seed=cfg.seed)
+    t_open = time.perf_counter() - t0
+    result = compiler.compile(request)
+    files = write_outputs(args.out, result, reference, cfg, args.audio)
+    summary = {
+        "label": request.label, "instructions": list(args.instructions), "frames": n_frames,
+        "seconds": round(n_frames / CLIP_FPS, 3), "backend": result.backend, "seed": cfg.seed,
+        "events": len(result.plan.events) if result.plan else 0, "approved": result.report.approved,
+        "critic_rounds": result.report.rounds, "revisions": len(result.report.revisions),
+        "failing_checks": [c.name for c in result.report.failing], "warnings": ([why] if why else []) + result.warnings,
+        "timings_s": {k: round(v, 4) for k, v in {"open": t_open, **result.timings}.items()},
+        "files": files,
+    }
+    write_json(Path(args.out) / "summary.json", summary)
+    return summary
