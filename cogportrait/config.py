@@ -447,11 +447,15 @@ class OpenAIConfig:
     timeout_s: float = 60.0
     retries: int = 2  # re-asks after a malformed, invalid, refused or failed answer; then fall back to rules
     temperature: float = 0.2
+    backoff_s: float = 1.0  # pause before re-asking after 429/5xx/timeouts, doubling per attempt
+    max_wait_s: float = 30.0  # the longest pause, a server's Retry-After included
 
     def __post_init__(self) -> None:
         _check_range("timeout_s", self.timeout_s, 0.01)
         _check_range("retries", self.retries, 0, 10)
         _check_range("temperature", self.temperature, 0.0, 2.0)
+        _check_range("backoff_s", self.backoff_s, 0.0)
+        _check_range("max_wait_s", self.max_wait_s, 0.0)
 
 
 @dataclass(frozen=True)

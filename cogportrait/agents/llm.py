@@ -49,10 +49,7 @@ M = TypeVar("M", bound=BaseModel)
 
 ENV_BASE_URL = "OPENAI_BASE_URL"
 ENV_MODEL = "OPENAI_MODEL"
-# Network pacing, not behaviour thresholds: the first wait after a transient failure doubles per
-# attempt; a server's Retry-After is honoured up to MAX_WAIT_S (tests pass tiny values).
-BACKOFF_S = 1.0
-MAX_WAIT_S = 30.0
+# Pacing of re-asks (backoff_s, max_wait_s) is in compile.openai (params.yaml); tests pass tiny values.
 RETRYABLE_STATUS = frozenset({408, 409, 429})  # and every 5xx
 MAX_ERRORS_FED_BACK = 20  # pydantic errors listed in one feedback message
 EXCERPT_CHARS = 300  # of a server's error body, in messages
@@ -83,6 +80,8 @@ class OpenAISettings:
     timeout_s: float = OpenAIConfig.timeout_s
     retries: int = OpenAIConfig.retries
     temperature: float = OpenAIConfig.temperature
+    backoff_s: float = OpenAIConfig.backoff_s
+    max_wait_s: float = OpenAIConfig.max_wait_s
 
 
 def resolve_openai_settings(
@@ -108,7 +107,7 @@ def resolve_openai_settings(
         raise BackendUnavailable(
             f"openai backend: no model name (give one as a flag, as compile.openai.model in params.yaml, or in {ENV_MODEL})")
     key = environ.get(cfg.api_key_env, "").strip() or None
-    return OpenAISettings(url, name, key, cfg.timeout_s, cfg.retries, cfg.temperature)
+    return OpenAISettings(url, name, key, cfg.timeout_s, cfg.retries, cfg.temperature, cfg.backoff_s, cfg.max_wait_s)
 
 
 def extract_json(text: str) -> Any:
@@ -167,8 +166,8 @@ class ChatClient:
         temperature: float = OpenAIConfig.temperature,
         retries: int = OpenAIConfig.retries,
         *,
-        backoff_s: float = BACKOFF_S,
-        max_wait_s: float = MAX_WAIT_S,
+        backoff_s: float = OpenAIConfig.backoff_s,
+        max_wait_s: float = OpenAIConfig.max_wait_s,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -185,6 +184,7 @@ class ChatClient:
 
     @classmethod
     def from_settings(cls, settings: OpenAISettings, **kwargs: Any) -> ChatClient:
+        kwargs = {"backoff_s": settings.backoff_s, "max_wait_s": settings.max_wait_s, **kwargs}
         return cls(settings.base_url, settings.model, settings.api_key, settings.timeout_s,
                    settings.temperature, settings.retries, **kwargs)
 
