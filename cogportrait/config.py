@@ -471,7 +471,7 @@ class CompileConfig:
     candidates: int = 8  # prototypes retrieved per event; the seed picks among the close ones
     pick_tolerance: float = 0.1  # candidates within this Eq. 3 distance of the best are equally good
     label_bonus: float = 0.5  # the label's own prototypes rank as if this much closer (re-rank, never a filter)
-    transition_s: float = 0.2  # cross-fade between events, and from the reference pose at frame 0
+    transition_s: float = 0.2  # cross-fade between events (frame 0 is the reference pose itself)
     untargeted_gain: float = 0.5  # excursions from rest of the AU/gaze channels an event does not target are scaled by this
     preview_size: int = 512  # preview.mp4 side in pixels
     critic: CriticConfig = field(default_factory=CriticConfig)
@@ -485,6 +485,8 @@ class CompileConfig:
         _check_range("transition_s", self.transition_s, 0.0, 2.0)
         _check_range("untargeted_gain", self.untargeted_gain, 0.0, 1.0)
         _check_range("preview_size", self.preview_size, 64, 2048)
+        if self.preview_size % 2:
+            raise ConfigError(f"preview_size={self.preview_size} must be even (H.264 4:2:0)")
 
 
 @dataclass(frozen=True)
@@ -497,6 +499,9 @@ class Stage1EvalConfig:
     clips: str = "data/curate/clips.parquet"
     out: str = "data/eval/stage1"
     max_clips: int = 0  # 0 = every clip of the library
+
+    def __post_init__(self) -> None:
+        _check_range("max_clips", self.max_clips, 0)
 
 
 def from_mapping(cls: type[T], values: dict[str, Any] | None, section: str = "") -> T:

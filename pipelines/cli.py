@@ -200,7 +200,7 @@ def run_models_check(cfg: Configs, args: argparse.Namespace) -> dict:
 def run_compile(cfg: Configs, args: argparse.Namespace) -> dict:
     from pipelines.compile import CompileArgs, run
 
-    return run(cfg["compile"], cfg["invert"].events, CompileArgs(
+    return run(cfg["compile"], cfg["invert"].events, extract_cfg=cfg["extract"], crop_scale=cfg["curate"].crop_scale, args=CompileArgs(
         label=args.label, instructions=tuple(args.instruction or ()), duration_s=args.duration, audio=args.audio,
         reference=args.reference, out=args.out, base_url=args.base_url, model=args.model, identity=args.identity))
 
@@ -283,7 +283,7 @@ VERBS: dict[str, Verb] = {
     ),
     "compile": Verb(
         "Stage 1: a label and/or instructions -> plan, 17 controls and 62 eye-region keypoints per frame",
-        run_compile, ("compile", "invert"),
+        run_compile, ("compile", "invert", "extract", "curate"),
         (_set("compile", "library", "--library", "prototype library folder (default: params compile.library)"),
          Option(("--label",), "behaviour label, e.g. 'cognitive effort' (the known categories: datasets/emh/categories.yaml)"),
          Option(("--instruction",), "fine-grained instruction, e.g. 'raise your left eyebrow, then blink twice'; repeat",

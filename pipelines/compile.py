@@ -28,7 +28,7 @@ import pyarrow as pa
 from cogportrait.agents.categories import load_categories
 from cogportrait.agents.compiler import CompileInputError, CompileRequest, CompileResult, Stage1Compiler
 from cogportrait.agents.planner import RulesPlanner
-from cogportrait.config import CompileConfig, EventsConfig
+from cogportrait.config import CompileConfig, CurateConfig, EventsConfig, ExtractConfig
 from cogportrait.face.mapping import average_baseline, load_face_model
 from cogportrait.face.reference import Reference, neutral_reference, read_reference
 from cogportrait.io.atomic import write_json, write_table
@@ -42,15 +42,15 @@ def n_frames_for(duration_s: float | None, audio: str | None) -> int:
     if (duration_s is None) == (audio is None):
         raise CompileInputError("give exactly one of --duration SECONDS or --audio FILE.wav")
     if audio is not None:
-        from cogportrait.io.audio import read_wav
+        from cogportrait.io.preview import PreviewInputError, decode_audio
 
         if not Path(audio).is_file():
             raise CompileInputError(f"audio file {audio} not found")
-        try:
-            samples, rate, channels = read_wav(audio)
-        except (EOFError, OSError, ValueError) as err:  # wave.Error is an Exception subclass of its own
-            raise CompileInputError(f"cannot read audio {audio} as PCM WAV: {err}") from None
-        duration_s = len(samples) / max(channels, 1) / rate
+        try:  # the decoder that muxes it into preview.mp4: any rate, width, channel count or container
+            samples, rate = decode_audio(audio)
+        except PreviewInputError as err:
+            raise CompileInputError(f"cannot read audio {audio}: {err}") from None
+        duration_s = samples.shape[1] / rate
     assert duration_s is not None
     if not math.isfinite(duration_s) or duration_s <= 0:
         raise CompileInputError(f"duration must be a positive number of seconds, got {duration_s}")
@@ -152,13 +152,17 @@ class CompileArgs:
     identity: str | None = None  # a library identity: Π uses its own baseline instead of the average face
 
 
-def run(cfg: CompileConfig, events_cfg: EventsConfig, args: CompileArgs) -> dict[str, Any]:
+def run(
+    cfg: CompileConfig, events_cfg: EventsConfig, args: CompileArgs, extract_cfg: ExtractConfig | None = None,
+    crop_scale: float = CurateConfig.crop_scale,
+) -> dict[str, Any]:
     """The command: validate the inputs, compile, write, summarise."""
     t0 = time.perf_counter()
     if not args.label and not args.instructions:
         raise CompileInputError("give --label, --instruction, or both")
     n_frames = n_frames_for(args.duration_s, args.audio)
-    reference = read_reference(args.reference) if args.reference else neutral_reference(cfg.preview_size)
+    # the portrait as curate's face crop, so keypoints are in [0, 1] of a 512² crop like the library's
+    reference = read_reference(args.reference, extract_cfg, crop_scale) if args.reference else neutral_reference(cfg.preview_size)
     backend, why = make_backend(cfg, args.base_url, args.model)
     compiler = open_compiler(cfg, events_cfg, backend=backend)
     if args.identity is not None and args.identity not in compiler.baselines:
@@ -168,8 +172,9 @@ def run(cfg: CompileConfig, events_cfg: EventsConfig, args: CompileArgs) -> dict
     label = compiler.categories.canonical(args.label) if args.label else None
     if label is None and args.label and cfg.backend == "rules":
         compiler.categories.get(args.label)  # raises the unknown-label error that lists the known ones
-    for text in args.instructions:
-        compiler.rules.planner.parse(text)  # an unreadable instruction fails before any work
+    if compiler.backend is compiler.rules:
+        for text in args.instructions:
+            compiler.rules.planner.parse(text)  # an unreadable instruction fails before any work
     request = CompileRequest(label=label or args.label, instructions=args.instructions, n_frames=n_frames,
                              start_pose=tuple(float(v) for v in reference.head_pose),
                              placement=reference.placement, identity=args.identity, seed=cfg.seed)

@@ -73,28 +73,23 @@ def evaluate_clip(
     start_pose = tuple(float(v) for v in real[0, HEAD])
     real_kps = clip.keypoints
     request = CompileRequest(label=label, instructions=(instruction,) if instruction else (), n_frames=T,
-                             start_pose=start_pose, placement=placement, seed=seed)
+                             start_pose=start_pose, placement=placement, baseline=baseline, seed=seed)
     category = compiler.categories.get(label or "neutral talking")
     channels = [CHANNEL_INDEX[c] for c in (category.target_aus if label else AU_CHANNELS)]
     tau = compiler.categories.au_thresholds
     thresholds = {c: tau[c] for c in AU_CHANNELS}  # AU-F1 counts the AUs (Eq. 6: u over the U AUs)
     rest_ref = rest_controls(compiler.baselines.get(clip.identity, baseline))
     rest_ref[HEAD] = real[0, HEAD]  # head motion is measured from where the clip starts, as compiled
-    saved = compiler.average
-    compiler.average = baseline  # Π of the held-out face: the other identities' average
-    try:
-        out: dict[str, Any] = {"clip_id": clip.clip_id, "label": clip.label, "category": label, "identity": clip.identity,
-                               "instruction": instruction, "frames": T, "variants": {}}
-        for variant in variants:
-            result = compiler.compile(request, variant=variant, exclude_identities=(clip.identity,))
-            scores = score_stage1(result.controls, real, result.keypoints, real_kps, channels, thresholds,
-                                  rest_pred=result.rest, rest_ref=rest_ref)
-            out["variants"][variant] = {
-                **scores.as_dict(), "critic_revisions": len(result.report.revisions),
-                "critic_failing": [c.name for c in result.report.failing],
-            }
-    finally:
-        compiler.average = saved
+    out: dict[str, Any] = {"clip_id": clip.clip_id, "label": clip.label, "category": label, "identity": clip.identity,
+                           "instruction": instruction, "frames": T, "variants": {}}
+    for variant in variants:
+        result = compiler.compile(request, variant=variant, exclude_identities=(clip.identity,))
+        scores = score_stage1(result.controls, real, result.keypoints, real_kps, channels, thresholds,
+                              rest_pred=result.rest, rest_ref=rest_ref)
+        out["variants"][variant] = {
+            **scores.as_dict(), "critic_revisions": len(result.report.revisions),
+            "critic_failing": [c.name for c in result.report.failing],
+        }
     return out
 
 

@@ -125,7 +125,7 @@ def array_columns(arrays: Arrays) -> tuple[str, ...]:
 # the store
 # ------------------------------------------------------------------------------------------------
 class PrototypeStore:
-    """Read-only access to one library: filters in polars, exact top k by the walk or the scan."""
+    """Read-only access to one library: filters on in-memory metadata, exact top k by the walk or the scan."""
 
     def __init__(
         self, parquet: Path, index_dir: Path, meta: dict[str, Any], feats: np.ndarray,
@@ -216,7 +216,7 @@ class PrototypeStore:
         min_frames: int | None = None,
         identity_exclude: str | Iterable[str] | None = None,
     ) -> np.ndarray | None:
-        """Row positions passing the metadata filters (None = every row), via polars push-down.
+        """Row positions passing the metadata filters (None = every row), from the in-memory metadata.
 
         Results are cached per filter combination: the composer repeats the same label many times,
         and the Parquet cannot change under an open store (its fingerprint was checked at open).

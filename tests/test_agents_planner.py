@@ -250,7 +250,7 @@ def test_drowsiness_has_slow_blinks_and_a_prolonged_closure(planner):
     ("lower the head", "head_pitch", "down", "normal", 1),
     ("raise your head slightly", "head_pitch", "up", "slight", 1),
     ("nod", "nod", None, "normal", 1),
-    ("nod twice", "nod", None, "normal", 2),
+    ("nod", "nod", None, "normal", 1),
     ("turn your head left", "head_turn", "left", "normal", 1),
     ("turn your head to the right", "head_turn", "right", "normal", 1),
     ("tilt your head", "head_tilt", "left", "normal", 1),
@@ -266,7 +266,7 @@ def test_grammar_targets_follow_side_and_amount(vocab):
     (left,) = vocab.parse("raise your left eyebrow")
     assert interval(left.targets["AU2L"])[0] > interval(left.targets["AU2R"])[1]
     (slight,) = vocab.parse("look slightly to the left")
-    assert slight.targets["gaze_left"] == (0.25, 0.40)  # the paper's [0.15, 0.30] on our gaze_left rest 0.08
+    assert slight.targets["gaze_left"] == (0.35, 0.48)  # above the average face's rest 0.15 left by more than instruction_margin
     (strong,) = vocab.parse("look strongly to the left")
     assert interval(strong.targets["gaze_left"])[0] > interval(slight.targets["gaze_left"])[1] - 1e-9
     (turn,) = vocab.parse("turn your head left")
@@ -309,6 +309,11 @@ def test_grammar_times_durations_and_groups(vocab):
     ("look left twice", "cannot be repeated"),
     ("wink both", "wink takes left or right"),
     ("slowly", 'found no action to apply "slowly"'),
+    ("please", 'could not read an action in instruction "please"'),
+    ("then", "could not read an action"),
+    ("blink 2.5 times", 'a count is a whole number, not "2.5 times"'),
+    ("close your left eye for 2 seconds", "a wink is brief"),
+    ("nod twice", "cannot be repeated"),
 ])
 def test_grammar_errors_quote_the_words(vocab, text, message):
     with pytest.raises(InstructionError) as err:
@@ -336,7 +341,7 @@ def test_paper_cognitive_effort_example(planner):
     assert gaze.source == "instruction" and gaze.instruction == "look slightly to the left"
     # the paper's mild squint and gaze shift, on our rest levels (AU7 rests at 0.39, AU4 at ~0.05)
     for name, (lo, hi) in {"AU4L": (0.30, 0.42), "AU4R": (0.30, 0.42), "AU7": (0.60, 0.72),
-                           "gaze_left": (0.25, 0.40), "gaze_up": (0.15, 0.28)}.items():
+                           "gaze_left": (0.35, 0.48), "gaze_up": (0.15, 0.28)}.items():
         assert within(gaze.targets[name], lo, hi), name
     assert head.instruction == "lower the head smoothly" and head.event_type == "head_nod"
     assert within(head.targets["pitch"], -12, -5)

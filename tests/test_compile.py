@@ -330,3 +330,43 @@ def test_known_identity_uses_its_own_baseline_and_unknown_is_an_error(params_fil
     assert main(["--params", str(params_file), "compile", "--label", "fear", "--duration", "1", "--identity", "nobody",
                  "--out", str(tmp_path / "o")]) == 2
     assert "'nobody' is not in the face model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["direct", "retrieval", "planner", "composer", "full"])
+def test_one_and_two_frame_compiles(compiler, variant):
+    for n_frames in (1, 2):
+        for label, instructions in (("drowsiness", ()), (None, ("lower the head",)), ("surprise", ("blink",))):
+            result = compiler.compile(CompileRequest(label=label, instructions=instructions, n_frames=n_frames, seed=3),
+                                      variant=variant)
+            assert result.controls.shape == (n_frames, 17) and np.isfinite(result.controls).all()
+            assert result.keypoints.shape == (n_frames, 62, 3) and np.isfinite(result.keypoints).all()
+
+
+def test_reference_is_measured_in_its_face_crop():
+    """Any portrait becomes curate's square face crop: keypoints in [0, 1] of a 512² crop."""
+    from cogportrait.config import CurateConfig
+    from cogportrait.face.reference import read_reference
+
+    ref = read_reference(SAMPLE / "images" / "insightface_t1_group.jpg", crop_scale=CurateConfig().crop_scale)
+    assert ref.image.shape == (512, 512, 3)
+    assert ref.placement.width == ref.placement.height == 512
+    xy = ref.keypoints[:, :2]
+    assert np.all((xy > 0.1) & (xy < 0.9))  # the eyes sit well inside the crop
+    assert 0.15 * 512 < ref.placement.iod_px < 0.5 * 512
+
+
+def test_openai_fallback_with_a_free_text_label_compiles_the_instructions(compiler):
+    from llm_server import LoopbackLLM, server_error
+
+    from cogportrait.agents.llm import ChatClient
+    from cogportrait.agents.openai_backend import OpenAIBackend
+
+    with LoopbackLLM() as server:
+        server.script(*[server_error(500)] * 3)
+        compiler.backend = OpenAIBackend(ChatClient(server.base_url, "m", timeout_s=1.0, retries=2, backoff_s=0.0))
+        try:
+            result = _compile(compiler, label="a sleepy afternoon at the office", instructions=["blink twice"], seconds=2)
+        finally:
+            compiler.backend = compiler.rules
+    assert result.backend == "rules" and any("no category" in w for w in result.warnings)
+    assert result.plan.label is None and len(result.plan.events) >= 1

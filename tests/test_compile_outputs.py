@@ -54,7 +54,7 @@ def test_plot_channels_png(tmp_path):
     assert _decode_png(out).shape == (990, 1100, 3)  # figsize 10 x 9 in at 110 dpi
     assert [p.name for p in tmp_path.iterdir()] == ["channels.png"]  # no temporary left behind
 
-    with pytest.raises(PlotInputError, match=r"span 1 \[90, 120\)"):
+    with pytest.raises(PlotInputError, match=r"span 0 \[90, 120\)"):
         plot_channels(controls, [(90, 120, "past the end")], tmp_path / "bad.png", "x")
     with pytest.raises(PlotInputError, match="controls must be"):
         plot_channels(controls[:, :16], spans, tmp_path / "bad.png", "x")

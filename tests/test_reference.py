@@ -11,7 +11,6 @@ from cogportrait.face.mapping import Placement, pose_and_project
 from cogportrait.face.pose import RIGID_ANCHORS, rotation_from_head_pose
 from cogportrait.face.reference import (
     Reference,
-    ReferenceError,
     ReferencePortraitError,
     ReferenceReader,
     neutral_reference,
@@ -91,26 +90,26 @@ def test_no_face(reader, tmp_path):
 
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((240, 320, 3), 200, np.uint8)).save(blank)
-    with pytest.raises(ReferenceError, match=r"^no face found in the reference portrait .*blank\.png$"):
+    with pytest.raises(ReferencePortraitError, match=r"^no face found in the reference portrait .*blank\.png$"):
         reader.read(blank)
 
 
 def test_unreadable_files(tmp_path):
     missing = tmp_path / "nowhere.jpg"
-    with pytest.raises(ReferenceError, match=r"^cannot read reference image .*nowhere\.jpg: ") as err:
+    with pytest.raises(ReferencePortraitError, match=r"^cannot read reference image .*nowhere\.jpg: ") as err:
         read_reference(missing)
     assert "\n" not in str(err.value)
     text = tmp_path / "notes.jpg"
     text.write_text("not an image\n")
-    with pytest.raises(ReferenceError, match=r"^cannot read reference image .*notes\.jpg: ") as err:
+    with pytest.raises(ReferencePortraitError, match=r"^cannot read reference image .*notes\.jpg: ") as err:
         read_reference(text)
     assert "\n" not in str(err.value)
-    with pytest.raises(ReferenceError, match="cannot read reference image"):
+    with pytest.raises(ReferencePortraitError, match="cannot read reference image"):
         read_reference(tmp_path)  # a folder
 
 
 def test_error_class():
-    assert ReferenceError is ReferencePortraitError and issubclass(ReferenceError, ValueError)
+    assert issubclass(ReferencePortraitError, ValueError)
 
 
 def test_neutral_reference():

@@ -2,9 +2,9 @@
 
 ``Stage1Compiler.compile`` turns a label and/or instructions plus a duration into a plan, a
 composed 17-channel control sequence, a critic report and the 62 keypoints per frame. The critic
-sends failures back: to the composer (round 0: retrieve another prototype for the event that
-failed; later rounds: apply the rule's repair edit to the controls) or to the planner
-(re-decomposition with the critic's feedback). The final report holds the last round's checks and
+sends failures back to the planner (re-decomposition with the critic's feedback) when it can act on
+them, otherwise to the composer: in the first revision round another prototype for an event that
+missed a channel it targets, then the rule's repair edit on the controls. The final report holds the last round's checks and
 every revision made, with the reason.
 
 The ablation variants of the paper's Table 3 share this code path so they differ only in what
@@ -27,15 +27,15 @@ from cogportrait.agents.backends import (
     AgentBackend, BackendUnavailable, ComposeRequest, ComposeTargets, EventSummary, EventTargets, PlanRequest,
     ReviewRequest, SemanticReview,
 )
-from cogportrait.agents.categories import CategoryTable
-from cogportrait.agents.composer import Composer, PrototypeSource, ramp, raised_cosine_closure
+from cogportrait.agents.categories import NEUTRAL_CATEGORY, CategoryTable
+from cogportrait.agents.composer import Composer, PrototypeSource, ramp, synthetic_closure
 from cogportrait.agents.critic import CannotRepair, physiological_checks, repair, semantic_checks
 from cogportrait.agents.physiology import detect_closures
 from cogportrait.agents.models import (
     Composition, CriticCheck, CriticReport, Edit, Event, EventComposition, Plan, Revision, interval,
 )
 from cogportrait.config import CompileConfig, EventsConfig
-from cogportrait.face.mapping import Placement, canonical_keypoints, pose_and_project
+from cogportrait.face.mapping import Placement, canonical_keypoints, controls_to_keypoints
 from cogportrait.face.model import Baseline, LinearFaceModel
 from cogportrait.metrics.stage1 import rest_controls
 from cogportrait.schema import CHANNEL_INDEX, CLIP_FPS, CONTROL_CHANNELS, HEAD_CHANNELS
@@ -61,6 +61,7 @@ class CompileRequest:
     start_pose: tuple[float, float, float] = (0.0, 0.0, 0.0)
     placement: Placement = Placement()
     identity: str | None = None  # the library identity whose baseline Π uses, when it knows the face
+    baseline: Baseline | None = None  # or an explicit baseline (the LOCO evaluation's held-out average)
     seed: int = 0
 
 
@@ -144,7 +145,7 @@ def synthesise_plan(plan: Plan, rest: np.ndarray, transition_frames: int) -> np.
         out[b - n : b + n] = level[b - n][None, :] * (1 - w[:, None]) + level[b + n - 1][None, :] * w[:, None]
     for e in plan.events:
         for a in e.actions:
-            curve = raised_cosine_closure(a.n_frames, 0.6)
+            curve = synthetic_closure(a.n_frames)
             eyes = [0, 1] if a.eyes == "both" else [0 if a.eyes == "left" else 1]
             for i in eyes:
                 out[a.start_frame : a.end_frame, AU45[i]] += curve
@@ -190,6 +191,13 @@ class Stage1Compiler:
                 log.warning(msg)
                 warnings.append(msg)
                 self.backend = self.rules
+        if isinstance(request, PlanRequest) and request.label and request.label not in self.categories:
+            # a free-text label an LLM was to interpret: the rules compile the instructions alone
+            fallback = None if request.instructions else NEUTRAL_CATEGORY
+            msg = f"the rules backend has no category {request.label!r}; compiling {'the instructions alone' if fallback is None else repr(fallback)}"
+            log.warning(msg)
+            warnings.append(msg)
+            request = request.model_copy(update={"label": fallback})
         return getattr(self.rules, role)(request)
 
     def _check(
@@ -223,8 +231,7 @@ class Stage1Compiler:
         t0 = time.perf_counter()
         timings = {"planning": 0.0, "retrieval": 0.0, "critic": 0.0, "mapping": 0.0}
         warnings: list[str] = []
-        rng = np.random.default_rng(request.seed)
-        baseline = self.baseline_for(request.identity)
+        baseline = request.baseline or self.baseline_for(request.identity)
         rest = self.rest_levels(baseline, request.start_pose)
         self.composer.clear_cache()
         exclude = frozenset(exclude_identities)
@@ -235,7 +242,7 @@ class Stage1Compiler:
         label = request.label
 
         if variant in ("direct", "retrieval"):
-            controls, composition = self._baseline_variant(variant, request, rest, rng, exclude, timings)
+            controls, composition, plan = self._baseline_variant(variant, request, rest, exclude, timings)
         else:
             t = time.perf_counter()
             known = list(self.categories.known)
@@ -257,22 +264,21 @@ class Stage1Compiler:
                     start_head_pose=request.start_pose, label_rerank=False)
             else:
                 t = time.perf_counter()
-                composed = self.composer.compose(plan, request.start_pose, rest, rng, label=label, exclude=exclude)
+                composed = self.composer.compose(plan, request.start_pose, rest, request.seed, label=label, exclude=exclude)
                 controls, composition = composed.controls, composed.composition
                 timings["retrieval"] += time.perf_counter() - t
             if variant == "full":
                 controls, composition, plan, checks, revisions, rounds = self._critic_loop(
-                    controls, composition, plan, request, rest, rng, baseline, exclude, timings, warnings)
+                    controls, composition, plan, request, rest, baseline, exclude, timings, warnings)
 
-        if not checks and variant != "full":
+        if variant != "full":  # the ablations are reported with the checks they would face
             t = time.perf_counter()
-            checks = self._check(controls, plan, rest, label, baseline, warnings) if plan is not None else []
+            checks = self._check(controls, plan, rest, label, baseline, warnings)
             timings["critic"] += time.perf_counter() - t
         report = CriticReport(approved=not any(c.verdict == "revise" for c in checks), rounds=rounds, checks=checks,
                               revisions=revisions)
         t = time.perf_counter()
-        canon = canonical_keypoints(controls, self.model, baseline)
-        keypoints = pose_and_project(canon, controls[:, HEAD], request.placement).astype(np.float32)
+        keypoints = controls_to_keypoints(controls, self.model, baseline, request.placement).astype(np.float32)
         timings["mapping"] += time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         return CompileResult(plan=plan, composition=composition, report=report, controls=np.asarray(controls, np.float32),
@@ -281,7 +287,7 @@ class Stage1Compiler:
 
     def _critic_loop(
         self, controls: np.ndarray, composition: Composition, plan: Plan, request: CompileRequest, rest: np.ndarray,
-        rng: np.random.Generator, baseline: Baseline, exclude: frozenset[str], timings: dict[str, float],
+        baseline: Baseline, exclude: frozenset[str], timings: dict[str, float],
         warnings: list[str],
     ) -> tuple[np.ndarray, Composition, Plan, list[CriticCheck], list[Revision], int]:
         """Check, revise, re-check, at most ``critic.max_rounds`` revision rounds."""
@@ -313,7 +319,7 @@ class Stage1Compiler:
                     for c in to_planner:
                         revisions.append(Revision(round=rounds, target="planner", check=c.name, action=f"re-planned: {c.message}"))
                     t = time.perf_counter()
-                    composed = self.composer.compose(plan, request.start_pose, rest, rng, label=request.label,
+                    composed = self.composer.compose(plan, request.start_pose, rest, request.seed, label=request.label,
                                                      exclude=exclude, round_index=rounds)
                     controls, composition = composed.controls, composed.composition
                     timings["retrieval"] += time.perf_counter() - t
@@ -332,7 +338,7 @@ class Stage1Compiler:
                         revisions.append(Revision(round=rounds, target="composer", check=c.name,
                                                   action=f"event {c.event_index}: replaced prototype {used[0].prototype_id[:8]} ({c.message})"))
                 t = time.perf_counter()
-                composed = self.composer.compose(plan, request.start_pose, rest, np.random.default_rng(request.seed),
+                composed = self.composer.compose(plan, request.start_pose, rest, request.seed,
                                                  label=request.label, exclude=exclude, avoid=avoid, round_index=rounds)
                 controls, composition = composed.controls, composed.composition
                 timings["retrieval"] += time.perf_counter() - t
@@ -350,26 +356,25 @@ class Stage1Compiler:
             timings["critic"] += time.perf_counter() - t
 
     def _baseline_variant(
-        self, variant: str, request: CompileRequest, rest: np.ndarray, rng: np.random.Generator, exclude: frozenset[str],
-        timings: dict[str, float],
-    ) -> tuple[np.ndarray, Composition]:
-        """The two rows of Table 3 that use neither plan nor critic."""
-        label = request.label if request.label and request.label in self.categories else "neutral talking"
+        self, variant: str, request: CompileRequest, rest: np.ndarray, exclude: frozenset[str], timings: dict[str, float],
+    ) -> tuple[np.ndarray, Composition, Plan]:
+        """The two rows of Table 3 that use neither planner nor critic (the one-event span they return
+        is what the critic's checks are reported against)."""
+        label = request.label if request.label and request.label in self.categories else NEUTRAL_CATEGORY
         category = self.categories.get(label)
+        span = Plan(label=request.label, n_frames=request.n_frames,
+                    events=[Event(start_s=0.0, end_s=request.n_frames / CLIP_FPS, start_frame=0, end_frame=request.n_frames,
+                                  stage=f"{label} ({variant} only)", targets=self.categories.characteristic_targets(category))])
         if variant == "direct":
-            controls = self.categories.direct_trajectory(category, request.n_frames, CLIP_FPS, rest=rest)
-            controls = np.asarray(controls, dtype=np.float64)
+            controls = np.asarray(self.categories.direct_trajectory(category, request.n_frames, CLIP_FPS, rest=rest,
+                                                                    ramp_s=self.cfg.transition_s), dtype=np.float64)
             controls[:, HEAD] += np.asarray(request.start_pose)[None, :]
             composition = Composition(events=[EventComposition(event_index=0, start_frame=0, end_frame=request.n_frames,
                                                                edits=[Edit(op="synthesise", detail=f"direct trajectory of {label!r}")])],
                                       start_head_pose=request.start_pose, label_rerank=False)
-            return controls.astype(np.float32), composition
+            return controls.astype(np.float32), composition, span
         # retrieval by label only: one Eq. 3 query with the category's characteristic targets
         t = time.perf_counter()
-        targets = self.categories.characteristic_targets(category)
-        span = Plan(label=request.label, n_frames=request.n_frames,
-                    events=[Event(start_s=0.0, end_s=request.n_frames / CLIP_FPS, start_frame=0, end_frame=request.n_frames,
-                                  stage=f"{label} (retrieval only)", targets=targets)])
-        composed = self.composer.compose(span, request.start_pose, rest, rng, label=request.label, exclude=exclude)
+        composed = self.composer.compose(span, request.start_pose, rest, request.seed, label=request.label, exclude=exclude)
         timings["retrieval"] += time.perf_counter() - t
-        return composed.controls, composed.composition
+        return composed.controls, composed.composition, span

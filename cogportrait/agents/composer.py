@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cogportrait.agents.physiology import closure_profile
 from cogportrait.agents.models import Action, Composition, Edit, Event, EventComposition, Plan, Retrieved, Target, interval
 from cogportrait.config import CompileConfig
 from cogportrait.schema import AU_CHANNELS, CHANNEL_INDEX, CONTROL_CHANNELS, GAZE_CHANNELS, HEAD_CHANNELS, N_CHANNELS
@@ -86,18 +87,17 @@ def resample(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def ramp(n: int) -> np.ndarray:
-    """n weights rising smoothly from 0 to 1 (``timeseries.smoothstep``), for ramps and cross-fades."""
+    """n weights rising smoothly from 0 to 1 (``timeseries.smoothstep``), for ramps and cross-fades;
+    a 1-frame ramp is already there."""
     if n <= 1:
         return np.ones(max(n, 0))
     return smoothstep(np.linspace(0.0, 1.0, n))
 
 
-def raised_cosine_closure(n_frames: int, amplitude: float) -> np.ndarray:
-    """A synthetic closure curve: 2-frame-or-longer onset and offset around a held top."""
-    ramp = max(1, min(3, n_frames // 3))
-    hold = max(0, n_frames - 2 * ramp)
-    up = 0.5 - 0.5 * np.cos(np.linspace(0, np.pi, ramp + 2)[1:-1])
-    return amplitude * np.concatenate([up, np.ones(hold), up[::-1]])
+def synthetic_closure(n_frames: int, amplitude: float = SYNTH_CLOSURE_AMPLITUDE) -> np.ndarray:
+    """An AU45 rise closing the lids for exactly ``n_frames`` (the critic's closure profile, which
+    its detector counts as n frames), for a library that holds no real closure."""
+    return amplitude * closure_profile(n_frames)[1:-1]
 
 
 def closure_shape(au45: np.ndarray, n_frames: int, one_eyed: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
@@ -114,7 +114,7 @@ def closure_shape(au45: np.ndarray, n_frames: int, one_eyed: bool = False) -> tu
     level = rise.max(axis=1) if one_eyed else rise.mean(axis=1)
     peak = float(level.max())
     if peak <= 1e-6:
-        curve = raised_cosine_closure(n_frames, SYNTH_CLOSURE_AMPLITUDE)
+        curve = synthetic_closure(n_frames)
         return np.stack([curve, curve], axis=1), (0, len(au45))
     top = np.flatnonzero(level >= 0.9 * peak)
     first_top, last_top = int(top[0]), int(top[-1])
@@ -159,16 +159,17 @@ def fit_into_range(x: np.ndarray, lo: float, hi: float, floor_width: float) -> t
     """Affine map of a channel segment so its values sit inside [lo, hi], keeping its shape.
 
     The segment's mean moves to the nearest point of the inner half of the range, and its
-    excursions shrink (never grow) until they fit. A degenerate range (a value) is widened to
+    excursions shrink (never grow) until every value lies inside the range. A degenerate range (a value) is widened to
     ``floor_width`` so a little natural motion survives. Returns (new, gain, shift).
     """
-    width = max(hi - lo, floor_width)
     mid = 0.5 * (lo + hi)
-    lo_in, hi_in = mid - 0.25 * width, mid + 0.25 * width
-    mean = float(x.mean())
-    centre = min(max(mean, lo_in), hi_in)
-    spread = float(np.max(np.abs(x - mean))) if len(x) else 0.0
-    gain = min(1.0, (0.5 * width) / spread) if spread > 1e-9 else 1.0
+    width = max(hi - lo, floor_width)
+    lo, hi = mid - 0.5 * width, mid + 0.5 * width
+    mean = float(x.mean()) if len(x) else mid
+    centre = min(max(mean, mid - 0.25 * width), mid + 0.25 * width)
+    up = float(np.max(x - mean)) if len(x) else 0.0
+    down = float(np.max(mean - x)) if len(x) else 0.0
+    gain = min(1.0, (hi - centre) / up if up > 1e-9 else 1.0, (centre - lo) / down if down > 1e-9 else 1.0)
     return centre + gain * (x - mean), gain, centre - mean
 
 
@@ -322,7 +323,7 @@ class Composer:
         chosen = self.pick(scored, 1, rng, set())
         n = action.n_frames
         if chosen is None:
-            curve = raised_cosine_closure(n, SYNTH_CLOSURE_AMPLITUDE)
+            curve = synthetic_closure(n)
             both = np.stack([curve, curve], axis=1)
             retrieved = None
             edit = Edit(op="synthesise", channels=["AU45L", "AU45R"], detail=f"{action.kind}: no closure prototype in the library")
@@ -343,11 +344,15 @@ class Composer:
 
     # -- the whole plan ---------------------------------------------------------------------------
     def compose(
-        self, plan: Plan, start_pose: Sequence[float], rest: np.ndarray, rng: np.random.Generator,
+        self, plan: Plan, start_pose: Sequence[float], rest: np.ndarray, seed: int,
         label: str | None = None, exclude: Iterable[str] = (), avoid: Mapping[int, set[str]] | None = None,
         round_index: int = 0,
     ) -> Composed:
-        """Controls (T, 17) for the plan; ``avoid`` lists prototypes an event must not reuse (critic)."""
+        """Controls (T, 17) for the plan; ``avoid`` lists prototypes an event must not reuse (critic).
+
+        Each event and each action draws from its own random stream (seed, event, action), so the
+        critic swapping one event's prototype leaves every other event's choices as they were.
+        """
         exclude_set = frozenset(exclude)
         avoid = avoid or {}
         T = plan.n_frames
@@ -358,6 +363,7 @@ class Composer:
         for k, event in enumerate(plan.events):
             targets = dict(event.targets) or {"AU41": (0.0, 0.1)}  # nothing asked: a quiet face
             scored = self.candidates(targets, label, event.event_type, exclude_set)
+            rng = np.random.default_rng([seed, k])
             chosen = self.pick(scored, event.n_frames, rng, avoid.get(k, set()))
             match = chosen[0] if chosen else None
             seg, edits, src = self.tonic_segment(event, match, rest, rng)
@@ -373,8 +379,8 @@ class Composer:
                 margin = 0.25 * (hi - lo)  # aim inside the range, so the kept wobble stays in it
                 goal = float(min(max(path[-1, h], lo + margin), hi - margin))
                 wobble = seg[:, HEAD[h]] - np.linspace(seg[0, HEAD[h]], seg[-1, HEAD[h]], len(seg))
-                rise = ramp(max(2, min(len(seg), int(round(0.6 * len(seg))))))
-                rise = np.concatenate([rise, np.ones(len(seg) - len(rise))])[: len(seg)]
+                rise = ramp(min(len(seg), max(2, int(round(0.6 * len(seg))))))
+                rise = np.concatenate([rise, np.ones(len(seg) - len(rise))])
                 path[:, h] = head_rel[h] + (goal - head_rel[h]) * rise + 0.3 * wobble
                 edits.append(Edit(op="rescale", channels=[name], detail="head steered into the target range",
                                   values={"from": round(float(head_rel[h]), 3), "to": round(goal, 3)}))
@@ -396,10 +402,10 @@ class Composer:
             records[k] = records[k].model_copy(update={"edits": records[k].edits + [Edit(op="stitch", values={"frames": 2 * half})]})
         # phasic layer: the plan's closures over the tonic lids
         for k, event in enumerate(plan.events):
-            for action in event.actions:
-                curve, retrieved, edit = self.closure_curve(action, exclude_set, rng)
+            for i, action in enumerate(event.actions):
+                curve, retrieved, edit = self.closure_curve(action, exclude_set, np.random.default_rng([seed, k, 1 + i]))
                 s, e = action.start_frame, action.end_frame
-                controls[s:e, list(AU45)] = np.maximum(controls[s:e, list(AU45)], controls[s:e, list(AU45)] + curve)
+                controls[s:e, list(AU45)] += curve
                 extra = [retrieved] if retrieved is not None else []
                 records[k] = records[k].model_copy(update={"prototypes": records[k].prototypes + extra,
                                                            "edits": records[k].edits + [edit]})

@@ -31,7 +31,7 @@ from cogportrait.agents.physiology import (
     validate_inputs,
 )
 from cogportrait.config import CriticConfig, EventsConfig
-from cogportrait.schema import CHANNEL_INDEX, CLIP_FPS, GAZE_CHANNELS, HEAD_ANGLE_SCALE_DEG
+from cogportrait.schema import CHANNEL_INDEX, CLIP_FPS, HEAD_ANGLE_SCALE_DEG
 
 log = logging.getLogger("cogportrait")
 
@@ -153,9 +153,9 @@ def _active_threshold(name: str, cfg: CriticConfig) -> float:
 
 
 def _deviation(c: np.ndarray, rest: np.ndarray, name: str) -> float:
-    """How far a channel moves from rest: up for AU channels, either way for gaze and head."""
+    """How far a channel moves from rest: up for AU and (rectified) gaze channels, either way for head angles."""
     d = c[:, CI[name]] - rest[CI[name]]
-    return float(np.max(d) if name not in HEAD and name not in GAZE_CHANNELS else np.max(np.abs(d)))
+    return float(np.max(np.abs(d)) if name in HEAD else np.max(d))
 
 
 def label_channels(c: np.ndarray, rest: np.ndarray, plan: Plan, required: Sequence[str], cfg: CriticConfig) -> CriticCheck:
@@ -374,7 +374,7 @@ def _repair_label_channels(c: np.ndarray, check: CriticCheck, plan: Plan, rest: 
         k = int(np.argmax([np.max(np.abs(dev[e.start_frame : e.end_frame])) for e in plan.events]))
         ev = plan.events[k]
         seg = dev[ev.start_frame : ev.end_frame]
-        two_way = name in HEAD or name in GAZE_CHANNELS
+        two_way = name in HEAD
         sign = float(np.sign(seg[np.argmax(np.abs(seg))]) or 1.0) if two_way else 1.0
         want = _active_threshold(name, cfg) / cfg.repair_headroom
         w = span_window(ev.n_frames, edge_frames(ev.n_frames, cfg, fps))

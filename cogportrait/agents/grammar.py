@@ -342,6 +342,8 @@ class Vocabulary:
             return "count", self._counts[w], 1
         value = self._number(w)
         if value is not None and i + 1 < len(words) and words[i + 1] in ("times", "time"):
+            if value != int(value) or value < 1:
+                raise InstructionError(f"a count is a whole number, not \"{words[i]} {words[i + 1]}\"")
             return "count", int(value), 2
         for phrase, amount in self._amounts:
             if tuple(words[i:i + len(phrase)]) == phrase:
@@ -413,7 +415,14 @@ class Vocabulary:
         if bad:
             quoted = ", ".join(_quote(text[toks[b.i0].start:toks[b.i1].end]) for b in bad)
             raise InstructionError(f"could not read {quoted} in instruction {_quote(text)}")
-        return self._steps(text, toks, sorted(items, key=lambda it: it.i0), group_offset)
+        steps = self._steps(text, toks, sorted(items, key=lambda it: it.i0), group_offset)
+        if not steps:  # only fillers or joiners ("please", "then")
+            raise InstructionError(f"could not read an action in instruction {_quote(text)}")
+        for s in steps:
+            if s.kind == "wink" and s.duration_s is not None:  # Action has no one-eyed held closure
+                raise InstructionError(f"a wink is brief: cannot hold it for {s.duration_s:g} s ({_quote(s.words)}); "
+                                       "close both eyes for a held closure")
+        return steps
 
     @staticmethod
     def _adjacent(toks: list[_Tok], a: int, b: int) -> bool:

@@ -265,6 +265,8 @@ class ChatClient:
                 raise _Retry(f"no answer within the {self.timeout_s:g} s timeout") from None
             except requests.ConnectionError as err:
                 raise _Retry(f"cannot reach {self.url}: {self._redact(str(err))[:EXCERPT_CHARS]}") from None
+            except requests.RequestException as err:  # broken chunks, bad encodings, redirect loops
+                raise _Retry(f"the request to {self.url} failed: {self._redact(str(err))[:EXCERPT_CHARS]}") from None
             status = reply.status_code
             if status == 400 and self.response_mode == "json_schema":
                 self.response_mode = "json_object"

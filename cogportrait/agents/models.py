@@ -109,7 +109,7 @@ class Plan(_Strict):
 
     label: str | None = None
     instructions: list[str] = Field(default_factory=list)
-    fps: int = CLIP_FPS
+    fps: int = Field(CLIP_FPS, ge=1)
     n_frames: int = Field(ge=1)
     events: list[Event] = Field(min_length=1)
 

@@ -427,7 +427,8 @@ def gaze_head_coordination(c: np.ndarray, rest: np.ndarray, plan: Plan, cfg: Cri
     Vertical gaze is left out: people read and look down with the eyes alone, and gaze_up is weak.
     """
     chans = ("gaze_left", "gaze_right", "yaw")
-    h = gaze_hv(c)[:, 0] * cfg.gaze_deg_per_unit
+    rest_h = gaze_hv(rest[None, :])[0, 0]  # a face's rest gaze is not centred
+    h = (gaze_hv(c)[:, 0] - rest_h) * cfg.gaze_deg_per_unit
     yaw = c[:, CI["yaw"]]
     hold = max(1, int(math.ceil(cfg.gaze_head_hold_s * fps - 1e-9)))
     limit = {"eccentricity_deg": cfg.gaze_head_eccentricity_deg, "hold_s": cfg.gaze_head_hold_s,

@@ -490,14 +490,13 @@ def _spread(a: int, b: int, count: int, n: int, gap: int, at_start: bool) -> lis
     if span < 1 or count < 1:
         return []
     count = min(count, max(1, (span + gap) // (1 + gap)))
-    slot = span / count
-    n = max(1, min(n, math.floor(slot) - (gap if count > 1 else 0), span))
-    out = []
-    for i in range(count):
-        base = a + math.floor(i * slot)
-        off = 0 if at_start else max(0, math.floor((slot - n) / 2))
-        out.append((min(base + off, b - n), n))
-    return out
+    n = max(1, min(n, (span - (count - 1) * gap) // count))
+    if count == 1:
+        return [(a if at_start else a + (span - n) // 2, n)]
+    free = span - count * n  # >= (count - 1) * gap by the choice of n
+    inner = free / (count - 1) if at_start else max(gap, free / (count + 1))
+    first = a if at_start else a + (free - (count - 1) * inner) / 2
+    return [(min(int(math.floor(first + i * (n + inner))), b - n), n) for i in range(count)]
 
 
 __all__ = ["PlanningError", "RulesPlanner"]

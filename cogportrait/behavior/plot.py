@@ -112,7 +112,7 @@ def plot_channels(
     t = np.arange(T) / fps
     fig, axes = channel_figure()
     total = T / fps
-    for k, (start, end, text) in enumerate(spans, start=1):
+    for k, (start, end, text) in enumerate(spans):  # 0-based, as event_index everywhere else
         if not 0 <= start < end <= T:
             raise PlotInputError(f"span {k} [{start}, {end}) is outside the sequence [0, {T})")
         x0, x1 = start / fps, end / fps

@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from cogportrait.config import ExtractConfig
@@ -31,7 +32,7 @@ from cogportrait.face.pose import (
     rotation_from_transform,
     to_pixels,
 )
-from cogportrait.schema import KEYPOINT_INDICES, N_BLENDSHAPES, N_LANDMARKS
+from cogportrait.schema import CLIP_SIZE, KEYPOINT_INDICES, N_BLENDSHAPES, N_LANDMARKS
 
 log = logging.getLogger("cogportrait.face.reference")
 
@@ -44,9 +45,6 @@ class ReferencePortraitError(ValueError):
     """The reference portrait cannot be used (unreadable, or no face): a user error, one line."""
 
 
-# The name the Stage-1 code uses. It shadows Python's builtin ReferenceError (a weakref error)
-# wherever it is imported by this name, which is harmless there: nothing in Stage 1 uses weakrefs.
-ReferenceError = ReferencePortraitError  # noqa: A001
 
 
 @dataclass(frozen=True)
@@ -180,6 +178,18 @@ def uncrop(face: FaceObservation, x0: int, y0: int, side: int, width: int, heigh
     return FaceObservation(landmarks=out.astype(np.float32), blendshapes=face.blendshapes, transform=face.transform)
 
 
+def face_crop(rgb: np.ndarray, face: FaceObservation, scale: float, size: int = CLIP_SIZE) -> tuple[np.ndarray, FaceObservation]:
+    """The square face crop (``scale`` x the landmark box, ``size``²) and the face's landmarks in it
+    (the inverse of ``uncrop``; the rotation does not depend on where the crop sits)."""
+    h, w = rgb.shape[:2]
+    lm = np.asarray(face.landmarks, dtype=np.float64)
+    box = (lm[:, 0].min() * w, lm[:, 1].min() * h, lm[:, 0].max() * w, lm[:, 1].max() * h)
+    crop, x0, y0, side = square_crop(rgb, box, scale)
+    inside = np.stack([(lm[:, 0] * w - x0) / side, (lm[:, 1] * h - y0) / side, lm[:, 2] * w / side], axis=1)
+    resized = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if side > size else cv2.INTER_LINEAR)
+    return resized, FaceObservation(landmarks=inside.astype(np.float32), blendshapes=face.blendshapes, transform=face.transform)
+
+
 def placement_from_landmarks(landmarks: np.ndarray, width: int, height: int) -> Placement:
     """Placement of one face: rigid-anchor centroid and 3-D eye-centroid distance, in pixels."""
     px = to_pixels(np.asarray(landmarks, dtype=np.float64), width, height)
@@ -238,8 +248,13 @@ class ReferenceReader:
                 found.append(uncrop(best, x0, y0, side, w, h))
         return found, seen
 
-    def measure(self, rgb: np.ndarray, path: str | None = None) -> Reference:
-        """The Reference of an RGB image: its largest face; a warning when there are several."""
+    def measure(self, rgb: np.ndarray, path: str | None = None, crop_scale: float | None = None) -> Reference:
+        """The Reference of an RGB image: its largest face; a warning when there are several.
+
+        With ``crop_scale`` the reference becomes curate's normalised face crop: a square of
+        ``crop_scale`` x the face's landmark box, resized to 512², its landmarks moved into it. Stage 1
+        keypoints are in [0, 1] of that crop (DESIGN.md), whatever the portrait's size and framing.
+        """
         h, w = rgb.shape[:2]
         name = path if path is not None else "<image>"
         faces, seen = self.faces(rgb)
@@ -248,7 +263,10 @@ class ReferenceReader:
         areas = [face_area_px(f.landmarks, w, h) for f in faces]
         if seen > 1:
             log.warning("%d faces in the reference portrait %s; using the largest (%.0f px²)", seen, name, max(areas))
-        return reference_from_face(rgb, faces[int(np.argmax(areas))], path)
+        face = faces[int(np.argmax(areas))]
+        if crop_scale is not None:
+            rgb, face = face_crop(rgb, face, crop_scale)
+        return reference_from_face(rgb, face, path)
 
     def read(self, path: str | Path) -> Reference:
         return self.measure(load_rgb(path), str(path))
@@ -264,11 +282,12 @@ class ReferenceReader:
         self.close()
 
 
-def read_reference(path: str | Path, cfg: ExtractConfig | None = None) -> Reference:
-    """Read and measure a reference portrait; ReferenceError (one line) when it cannot be used."""
+def read_reference(path: str | Path, cfg: ExtractConfig | None = None, crop_scale: float | None = None) -> Reference:
+    """Read and measure a reference portrait; ReferencePortraitError (one line) when it cannot be used.
+    ``crop_scale`` (curate.crop_scale) turns it into the normalised face crop (``ReferenceReader.measure``)."""
     rgb = load_rgb(path)  # before loading models: a bad path fails fast
     with ReferenceReader(cfg) as reader:
-        return reader.measure(rgb, str(path))
+        return reader.measure(rgb, str(path), crop_scale)
 
 
 def neutral_reference(size: int = 512) -> Reference:
