@@ -370,3 +370,16 @@ def test_openai_fallback_with_a_free_text_label_compiles_the_instructions(compil
             compiler.backend = compiler.rules
     assert result.backend == "rules" and any("no category" in w for w in result.warnings)
     assert result.plan.label is None and len(result.plan.events) >= 1
+
+
+def test_a_required_blink_is_laid_as_a_blink(compiler):
+    """neutral talking's S_y is the eye closures: a 1 s plan with no natural blink gets one from the
+    critic (a closure, not half-closed lids), and is approved."""
+    from cogportrait.agents.physiology import detect_closures
+    from cogportrait.face.mapping import canonical_keypoints
+
+    for seed in range(4):
+        result = _compile(compiler, label="neutral talking", seconds=1, seed=seed)
+        assert result.report.approved, [c.message for c in result.report.failing]
+        canon = canonical_keypoints(result.controls, compiler.model, compiler.average)
+        assert len(detect_closures(result.controls, canon, EventsConfig())) >= 1

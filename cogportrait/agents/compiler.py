@@ -293,6 +293,7 @@ class Stage1Compiler:
         """Check, revise, re-check, at most ``critic.max_rounds`` revision rounds."""
         revisions: list[Revision] = []
         avoid: dict[int, set[str]] = {}
+        drops: list[str] = []
         rounds = 0
         while True:
             t = time.perf_counter()
@@ -305,8 +306,9 @@ class Stage1Compiler:
             to_planner = [c for c in failing if c.revise == "planner"]
             if to_planner:
                 t = time.perf_counter()
-                feedback = [f"{c.name}: {c.message}" for c in to_planner]
-                feedback += [f"drop:{ch}@{c.event_index}" for c in to_planner if c.event_index is not None for ch in c.channels]
+                # drops accumulate over the rounds: a re-plan must not bring back what an earlier one dropped
+                drops += [f"drop:{ch}@{c.event_index}" for c in to_planner if c.event_index is not None for ch in c.channels]
+                feedback = [f"{c.name}: {c.message}" for c in to_planner] + sorted(set(drops))
                 plan_request = PlanRequest(label=request.label, instructions=list(request.instructions),
                                            n_frames=request.n_frames, fps=CLIP_FPS, seed=request.seed,
                                            known_labels=list(self.categories.known), feedback=feedback)

@@ -360,7 +360,14 @@ def _repair_label_channels(c: np.ndarray, check: CriticCheck, plan: Plan, rest: 
     where none does (or that is still too little), lift it in the event where it already moves
     most, to channel_active / repair_headroom from rest."""
     done = []
+    if set(check.channels) & set(AU45) and not any(ev.actions for ev in plan.events):
+        # an idle eye-closure channel wants a blink, not half-closed lids: lay one mid-sequence
+        n = max(1, min(len(c), int(round(cfg.blink_typical_s * fps))))
+        add_closure(c, (len(c) - n) // 2, n, "both")
+        done.append(f"laid a {n}-frame blink at frame {(len(c) - n) // 2}")
     for name in check.channels:
+        if name in AU45 and done and done[0].startswith("laid"):
+            continue
         i = CI[name]
         targeted = [ev for ev in plan.events if name in ev.targets]
         if targeted:
