@@ -383,3 +383,11 @@ def test_a_required_blink_is_laid_as_a_blink(compiler):
         assert result.report.approved, [c.message for c in result.report.failing]
         canon = canonical_keypoints(result.controls, compiler.model, compiler.average)
         assert len(detect_closures(result.controls, canon, EventsConfig())) >= 1
+
+
+def test_drowsy_blink_twice_is_two_blinks_and_approved(compiler):
+    """Heavy lids are AU41 (tonic), closures AU45 (phasic): asked blinks survive the critic."""
+    result = _compile(compiler, label="drowsiness", instructions=["blink twice"], seconds=4)
+    assert result.report.approved, [c.message for c in result.report.failing]
+    counts = [c for c in result.report.checks if c.name == "instruction"]
+    assert counts and all(c.verdict == "pass" for c in counts)

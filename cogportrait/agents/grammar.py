@@ -36,7 +36,10 @@ from cogportrait.schema import EVENT_TYPES
 AMOUNTS: tuple[str, ...] = ("slight", "normal", "strong")
 DIRECTIONS: tuple[str, ...] = ("none", "left", "right", "up", "down", "both")
 SLOT_VALUES: dict[str, tuple[str, ...]] = {"side": ("left", "right", "both"), "direction": ("left", "right", "up", "down")}
-_TOKEN_RE = re.compile(r"\d+(?:\.\d+)?|[a-z]+(?:'[a-z]+)*|[,;.!?]", re.IGNORECASE)
+# words, numbers, punctuation; any other character is a token of its own, which no phrase reads, so
+# it is quoted back as unreadable ("at -1 s", "look left & blink") instead of silently dropped
+_TOKEN_RE = re.compile(r"\d+(?:\.\d+)?|[a-z]+(?:'[a-z]+)*|[,;.!?]|\S", re.IGNORECASE)
+_HYPHEN_RE = re.compile(r"(?<=[a-z])-(?=[a-z])", re.IGNORECASE)  # "left-hand": two words
 _NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
 
 
@@ -301,7 +304,7 @@ class Vocabulary:
     # -- tokens and modifiers -----------------------------------------------------------------
     def _tokens(self, text: str) -> list[_Tok]:
         toks = []
-        for m in _TOKEN_RE.finditer(text.replace("\u2019", "'")):
+        for m in _TOKEN_RE.finditer(_HYPHEN_RE.sub(" ", text.replace("\u2019", "'"))):
             word = m.group(0).lower()
             toks.append(_Tok(self._synonyms.get(word, word), m.start(), m.end()))
         return toks

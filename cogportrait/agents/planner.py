@@ -136,6 +136,7 @@ class RulesPlanner:
         else:
             assert category is not None
             evs = self._label_events(category, T, fps, rng)
+        self._space_actions(evs, fps)
         blinks = category.blink if category is not None else self.categories.neutral.blink
         self._natural_blinks(evs, blinks, T, fps, rng)
         events = [self._finish(e, fps) for e in evs]
@@ -400,6 +401,26 @@ class RulesPlanner:
 
     def _gap_frames(self, fps: int) -> int:
         return max(0, math.ceil(self.critic.blink_min_interval_s * fps - 1e-9))
+
+    def _space_actions(self, evs: list[_Ev], fps: int) -> None:
+        """Actions of neighbouring events at least the critic's inter-blink interval apart: a later
+        one moves on inside its event, shrinks if it must, and is dropped (with a warning) when its
+        event has no room left, because two closures closer than that read as one."""
+        gap = self._gap_frames(fps)
+        last_end = -(10**9)
+        for ev in evs:
+            kept: list[Action] = []
+            for a in sorted(ev.actions, key=lambda x: x.start_frame):
+                start = max(a.start_frame, last_end + gap)
+                n = min(a.n_frames, ev.end - start)
+                if n < 1:
+                    log.warning("no room for a %s at frame %d of %r: dropped", a.kind, a.start_frame, ev.stage)
+                    continue
+                if (start, n) != (a.start_frame, a.n_frames):
+                    a = a.model_copy(update={"start_frame": start, "n_frames": n})
+                kept.append(a)
+                last_end = start + n
+            ev.actions = kept
 
     @staticmethod
     def _free(actions: list[Action], start: int, n: int, gap: int) -> bool:
