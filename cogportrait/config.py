@@ -473,6 +473,8 @@ class CompileConfig:
     label_bonus: float = 0.5  # the label's own prototypes rank as if this much closer (re-rank, never a filter)
     transition_s: float = 0.2  # cross-fade between events (frame 0 is the reference pose itself)
     untargeted_gain: float = 0.5  # excursions from rest of the AU/gaze channels an event does not target are scaled by this
+    open_eye_percentile: float = 30.0  # a tonic prototype's own closures are flattened to this percentile of its AU45
+    synthetic_closure_amplitude: float = 0.6  # AU45 rise of a closure where the library holds no closure at all
     preview_size: int = 512  # preview.mp4 side in pixels
     critic: CriticConfig = field(default_factory=CriticConfig)
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
@@ -484,6 +486,8 @@ class CompileConfig:
         _check_range("label_bonus", self.label_bonus, 0.0)
         _check_range("transition_s", self.transition_s, 0.0, 2.0)
         _check_range("untargeted_gain", self.untargeted_gain, 0.0, 1.0)
+        _check_range("open_eye_percentile", self.open_eye_percentile, 0.0, 100.0)
+        _check_range("synthetic_closure_amplitude", self.synthetic_closure_amplitude, 0.0, 1.0)
         _check_range("preview_size", self.preview_size, 64, 2048)
         if self.preview_size % 2:
             raise ConfigError(f"preview_size={self.preview_size} must be even (H.264 4:2:0)")

@@ -122,7 +122,7 @@ def event_summaries(plan: Plan, controls: np.ndarray, closures: list[tuple[int, 
     return out
 
 
-def synthesise_plan(plan: Plan, rest: np.ndarray, transition_frames: int) -> np.ndarray:
+def synthesise_plan(plan: Plan, rest: np.ndarray, transition_frames: int, closure_amplitude: float) -> np.ndarray:
     """The plan's targets as a trajectory (range midpoints, smooth ramps) plus its actions.
 
     The paper's "Agent 1 only" row: structure from the planner, no real dynamics from retrieval.
@@ -145,7 +145,7 @@ def synthesise_plan(plan: Plan, rest: np.ndarray, transition_frames: int) -> np.
         out[b - n : b + n] = level[b - n][None, :] * (1 - w[:, None]) + level[b + n - 1][None, :] * w[:, None]
     for e in plan.events:
         for a in e.actions:
-            curve = synthetic_closure(a.n_frames)
+            curve = synthetic_closure(a.n_frames, closure_amplitude)
             eyes = [0, 1] if a.eyes == "both" else [0 if a.eyes == "left" else 1]
             for i in eyes:
                 out[a.start_frame : a.end_frame, AU45[i]] += curve
@@ -254,7 +254,8 @@ class Stage1Compiler:
                 plan = apply_targets(plan, answer)
             timings["planning"] += time.perf_counter() - t
             if variant == "planner":
-                controls = synthesise_plan(plan, rest, int(round(self.cfg.transition_s * CLIP_FPS)))
+                controls = synthesise_plan(plan, rest, int(round(self.cfg.transition_s * CLIP_FPS)),
+                                           self.cfg.synthetic_closure_amplitude)
                 controls[:, HEAD] += np.asarray(request.start_pose)[None, :]
                 controls = controls.astype(np.float32)
                 composition = Composition(

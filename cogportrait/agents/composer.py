@@ -43,8 +43,6 @@ BOUNDED = tuple(CHANNEL_INDEX[c] for c in AU_CHANNELS + GAZE_CHANNELS)  # 0-1 ch
 # which library event type realises each action, and the closure targets that find it
 ACTION_EVENT_TYPES = {"blink": "blink", "wink": "wink", "closure": "prolonged_closure"}
 CLOSED_TARGET: dict[str, Target] = {"AU45L": (0.5, 1.0), "AU45R": (0.5, 1.0)}
-SYNTH_CLOSURE_AMPLITUDE = 0.6  # AU45 rise of a closure when the library holds no closure at all
-OPEN_PERCENTILE = 30.0  # a tonic prototype's open-eye AU45 level (closures flattened to it)
 
 
 class Candidate(Protocol):
@@ -94,27 +92,30 @@ def ramp(n: int) -> np.ndarray:
     return smoothstep(np.linspace(0.0, 1.0, n))
 
 
-def synthetic_closure(n_frames: int, amplitude: float = SYNTH_CLOSURE_AMPLITUDE) -> np.ndarray:
+def synthetic_closure(n_frames: int, amplitude: float) -> np.ndarray:
     """An AU45 rise closing the lids for exactly ``n_frames`` (the critic's closure profile, which
     its detector counts as n frames), for a library that holds no real closure."""
     return amplitude * closure_profile(n_frames)[1:-1]
 
 
-def closure_shape(au45: np.ndarray, n_frames: int, one_eyed: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
+def closure_shape(
+    au45: np.ndarray, n_frames: int, synthetic_amplitude: float, one_eyed: bool = False,
+) -> tuple[np.ndarray, tuple[int, int]]:
     """A real closure's AU45 rise (T, 2) reshaped to close the lids for ``n_frames``.
 
     The onset (open -> 90 % closed) and the offset keep their real speed, the closed top is held
     as long as asked; only when the asked closure is shorter than the two ramps is the whole
     closure time-scaled. A real closure often dips in the middle (a flutter): the held top is the
     peak level, so one asked closure reads as one closure. Both eyes follow their mean curve
-    unless ``one_eyed`` (a wink keeps its sides). Returns the curve and the source frames used.
+    unless ``one_eyed`` (a wink keeps its sides). A prototype with no rise at all gives the synthetic
+    closure of ``synthetic_amplitude``. Returns the curve and the source frames used.
     """
     open_level = np.minimum(au45[0], au45[-1])
     rise = np.clip(au45 - open_level, 0.0, None)
     level = rise.max(axis=1) if one_eyed else rise.mean(axis=1)
     peak = float(level.max())
     if peak <= 1e-6:
-        curve = synthetic_closure(n_frames)
+        curve = synthetic_closure(n_frames, synthetic_amplitude)
         return np.stack([curve, curve], axis=1), (0, len(au45))
     top = np.flatnonzero(level >= 0.9 * peak)
     first_top, last_top = int(top[0]), int(top[-1])
@@ -292,7 +293,7 @@ class Composer:
                                   values={"identity_offset_l1": round(float(np.abs(rest[:n_au] - own_rest).sum()), 4)}))
             # closures belong to the phasic layer: flatten the prototype's own to its open level
             for j in AU45:
-                open_level = float(np.percentile(seg[:, j], OPEN_PERCENTILE))
+                open_level = float(np.percentile(seg[:, j], self.cfg.open_eye_percentile))
                 seg[:, j] = np.minimum(seg[:, j], open_level)
             seg[:, list(HEAD)] -= seg[:1, list(HEAD)]
         # channels the event does not target keep their natural motion, damped: a look to the left
@@ -323,14 +324,14 @@ class Composer:
         chosen = self.pick(scored, 1, rng, set())
         n = action.n_frames
         if chosen is None:
-            curve = synthetic_closure(n)
+            curve = synthetic_closure(n, self.cfg.synthetic_closure_amplitude)
             both = np.stack([curve, curve], axis=1)
             retrieved = None
             edit = Edit(op="synthesise", channels=["AU45L", "AU45R"], detail=f"{action.kind}: no closure prototype in the library")
         else:
             match, score = chosen
             au = np.asarray(match.controls, dtype=np.float64)[:, list(AU45)]
-            both, (a, b) = closure_shape(au, n, one_eyed=action.kind == "wink")
+            both, (a, b) = closure_shape(au, n, self.cfg.synthetic_closure_amplitude, one_eyed=action.kind == "wink")
             retrieved = Retrieved(prototype_id=match.prototype_id, distance=float(match.distance), label=match.label,
                                   event_type=match.event_type, clip_id=match.clip_id, source_start=a, source_end=b)
             edit = Edit(op="overlay", channels=["AU45L", "AU45R"], detail=f"{action.kind} at frame {action.start_frame}",

@@ -234,7 +234,12 @@ def au_temp(
     """
     if len(channels) == 0:
         raise ValueError("AU-Temp needs at least one target channel (S_y is empty)")
-    per = au_temp_per_channel(pred, ref, channels, rest_pred, rest_ref, window, z_min)
+    return au_temp_mean(au_temp_per_channel(pred, ref, channels, rest_pred, rest_ref, window, z_min), floor)
+
+
+def au_temp_mean(per_channel: np.ndarray, floor: float | None = 0.0) -> float:
+    """Eq. 7's mean over S_y of the per-channel terms, each floored at ``floor`` (None: unfloored)."""
+    per = np.asarray(per_channel, dtype=np.float64)
     return float(np.mean(per if floor is None else np.maximum(per, floor)))
 
 
@@ -347,8 +352,8 @@ def score_stage1(
     per = au_temp_per_channel(pc, rc, s, rp, rr, dtw_window)
     return Stage1Scores(
         au_f1=f1_from_activations(act_p, act_r),
-        au_temp=float(np.mean(np.maximum(per, 0.0))) if len(s) else float("nan"),
-        au_temp_unclipped=float(np.mean(per)) if len(s) else float("nan"),
+        au_temp=au_temp_mean(per, floor=0.0) if len(s) else float("nan"),
+        au_temp_unclipped=au_temp_mean(per, floor=None) if len(s) else float("nan"),
         eye_lmd=eye_lmd(pred_kps, ref_kps),
         eye_lmd_centred=eye_lmd(pred_kps, ref_kps, centred=True),
         au_temp_channels={CONTROL_CHANNELS[i]: float(v) for i, v in zip(s, per)},
