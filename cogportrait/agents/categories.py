@@ -17,9 +17,9 @@ from typing import Literal, TypeVar
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from cogportrait.agents.models import Target, _check_targets, interval
+from cogportrait.agents.models import StrictModel, Target, _check_targets, interval
 from cogportrait.config import CompileConfig
 from cogportrait.schema import (
     AU_CHANNELS,
@@ -52,10 +52,6 @@ class CategoryTableError(ValueError):
     """categories.yaml is malformed; the message names the category and key."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 def _range(value: tuple[float, float], name: str, lo_min: float = 0.0) -> tuple[float, float]:
     lo, hi = value
     if not lo_min <= lo <= hi:
@@ -63,7 +59,15 @@ def _range(value: tuple[float, float], name: str, lo_min: float = 0.0) -> tuple[
     return value
 
 
-class StageAction(_Strict):
+def _durations(value: tuple[float, float]) -> tuple[float, float]:
+    """A [lo, hi] range of durations in seconds: ordered, and nothing lasts 0 s."""
+    _range(value, "duration_s")
+    if value[0] <= 0:
+        raise ValueError("duration_s must be positive")
+    return value
+
+
+class StageAction(StrictModel):
     """A phasic eye action a stage contains (drowsiness: a prolonged closure), placed by the seed."""
 
     kind: Literal["blink", "wink", "closure"]
@@ -74,10 +78,7 @@ class StageAction(_Strict):
     @field_validator("duration_s")
     @classmethod
     def _duration(cls, v: tuple[float, float]) -> tuple[float, float]:
-        _range(v, "duration_s")
-        if v[0] <= 0:
-            raise ValueError("duration_s must be positive")
-        return v
+        return _durations(v)
 
     @model_validator(mode="after")
     def _eyes(self) -> StageAction:
@@ -86,7 +87,7 @@ class StageAction(_Strict):
         return self
 
 
-class Stage(_Strict):
+class Stage(StrictModel):
     """One staged event of a category: semantics, share of the duration, channel targets."""
 
     stage: str = Field(min_length=1)
@@ -131,7 +132,7 @@ class Stage(_Strict):
         return 0.5 * (self.share[0] + self.share[1])
 
 
-class BlinkSpec(_Strict):
+class BlinkSpec(StrictModel):
     """Natural blinks of a category: rate per minute and duration in seconds, both [lo, hi]."""
 
     rate_per_min: tuple[float, float]
@@ -145,13 +146,10 @@ class BlinkSpec(_Strict):
     @field_validator("duration_s")
     @classmethod
     def _duration(cls, v: tuple[float, float]) -> tuple[float, float]:
-        _range(v, "duration_s")
-        if v[0] <= 0:
-            raise ValueError("duration_s must be positive")
-        return v
+        return _durations(v)
 
 
-class Category(_Strict):
+class Category(StrictModel):
     """One category table (see the header of categories.yaml for every key's meaning)."""
 
     name: str = ""  # filled from the mapping key on load
@@ -208,7 +206,7 @@ class Category(_Strict):
         return self.stages[self.main_index]
 
 
-class CategoryFile(_Strict):
+class CategoryFile(StrictModel):
     version: int
     au_thresholds: dict[str, float]
     # the rest levels the absolute AU/gaze targets were calibrated against (documentation and the
@@ -293,11 +291,10 @@ class CategoryTable:
     def neutral(self) -> Category:
         return self._categories[NEUTRAL_CATEGORY]
 
-    def resolve(self, label: str) -> str | None:
+    def canonical(self, label: str) -> str | None:
         """The canonical name of a label or alias, or None."""
         return self._lookup.get(normalise_label(label))
 
-    canonical = resolve
 
     def thresholds_vector(self) -> np.ndarray:
         """tau_u as a (17,) array in channel order (for the metrics)."""
@@ -324,10 +321,10 @@ class CategoryTable:
         return direct_trajectory(cat, n_frames, fps, rest=rest, ramp_s=ramp_s)
 
     def __contains__(self, label: object) -> bool:
-        return isinstance(label, str) and self.resolve(label) is not None
+        return isinstance(label, str) and self.canonical(label) is not None
 
     def get(self, label: str) -> Category:
-        name = self.resolve(label)
+        name = self.canonical(label)
         if name is None:
             raise UnknownCategoryError(f"unknown category {label!r}; known: {', '.join(self.known)}")
         return self._categories[name]

@@ -27,12 +27,12 @@ from cogportrait.agents.backends import (
     AgentBackend, BackendUnavailable, ComposeRequest, ComposeTargets, EventSummary, EventTargets, PlanRequest,
     ReviewRequest, SemanticReview,
 )
-from cogportrait.agents.categories import NEUTRAL_CATEGORY, CategoryTable
+from cogportrait.agents.categories import NEUTRAL_CATEGORY, CategoryTable, target_midpoint
 from cogportrait.agents.composer import Composer, PrototypeSource, ramp, synthetic_closure
 from cogportrait.agents.critic import CannotRepair, physiological_checks, repair, semantic_checks
 from cogportrait.agents.physiology import detect_closures
 from cogportrait.agents.models import (
-    Composition, CriticCheck, CriticReport, Edit, Event, EventComposition, Plan, Revision, interval,
+    Composition, CriticCheck, CriticReport, Edit, Event, EventComposition, Plan, Revision,
 )
 from cogportrait.config import CompileConfig, EventsConfig
 from cogportrait.face.mapping import Placement, canonical_keypoints, controls_to_keypoints
@@ -133,8 +133,7 @@ def synthesise_plan(plan: Plan, rest: np.ndarray, transition_frames: int, closur
     level[:, HEAD] = 0.0
     for e in plan.events:
         for name, target in e.targets.items():
-            lo, hi = interval(target)
-            level[e.start_frame : e.end_frame, CHANNEL_INDEX[name]] = 0.5 * (lo + hi)
+            level[e.start_frame : e.end_frame, CHANNEL_INDEX[name]] = target_midpoint(target)
     out = level.copy()
     for e in plan.events[1:]:  # ramps across boundaries
         b = e.start_frame

@@ -19,6 +19,7 @@ from cogportrait.schema import CHANNEL_INDEX, CLIP_FPS
 # event type -> priority (lower = said first when there are too many)
 SAID_EVENTS = {"prolonged_closure": 0, "wink": 0, "brow_raise": 1, "frown": 1, "blink": 2, "head_nod": 2,
                "head_turn": 2, "head_tilt": 3, "squint": 3, "lid_droop": 3, "saccade": 4}
+FIXED_PHRASES = {"blink": "blink", "frown": "frown", "squint": "squint", "lid_droop": "droop your eyelids"}
 MIN_SACCADE = 0.2  # gaze units: smaller shifts are not worth an instruction
 
 
@@ -27,8 +28,8 @@ def _phrase(event: dict[str, Any], controls: np.ndarray, fps: int) -> str | None
     s, e = int(event["start_frame"]), int(event["end_frame"])  # inclusive
     at = f"at {s / fps:.1f} s"
     c = controls
-    if kind == "blink":
-        return f"blink {at}"
+    if kind in FIXED_PHRASES:
+        return f"{FIXED_PHRASES[kind]} {at}"
     if kind == "wink":
         return f"wink {event.get('eyes') or 'left'} {at}"
     if kind == "prolonged_closure":
@@ -38,12 +39,6 @@ def _phrase(event: dict[str, Any], controls: np.ndarray, fps: int) -> str | None
         right = np.nanmax(c[s : e + 1, CHANNEL_INDEX["AU2R"]]) if e >= s else 0.0
         side = "" if abs(left - right) < 0.25 else ("left " if left > right else "right ")
         return f"raise your {side}eyebrow{'s' if not side else ''} {at}"
-    if kind == "frown":
-        return f"frown {at}"
-    if kind == "squint":
-        return f"squint {at}"
-    if kind == "lid_droop":
-        return f"droop your eyelids {at}"
     if kind in ("head_nod", "head_turn", "head_tilt"):
         j = CHANNEL_INDEX[{"head_nod": "pitch", "head_turn": "yaw", "head_tilt": "roll"}[kind]]
         before = float(np.nanmedian(c[max(0, s - 5) : s + 1, j]))

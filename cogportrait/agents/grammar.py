@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from cogportrait.agents.categories import read_yaml_model
-from cogportrait.agents.models import Target, _check_targets
+from cogportrait.agents.models import StrictModel, Target, _check_targets
 from cogportrait.schema import EVENT_TYPES
 
 AMOUNTS: tuple[str, ...] = ("slight", "normal", "strong")
@@ -54,11 +54,7 @@ class VocabularyError(ValueError):
 # --------------------------------------------------------------------------------------------
 # The vocabulary file
 # --------------------------------------------------------------------------------------------
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ActionSpec(_Strict):
+class ActionSpec(StrictModel):
     """The phasic eye action a step asks for, with its duration in seconds."""
 
     kind: Literal["blink", "wink", "closure"]
@@ -66,7 +62,7 @@ class ActionSpec(_Strict):
     slow_duration_s: float | None = Field(None, gt=0, description="when the step is asked slowly")
 
 
-class StepSpec(_Strict):
+class StepSpec(StrictModel):
     """One kind of instruction step: how it is said and what it does to the channels."""
 
     phrases: list[str] | dict[str, list[str]]
@@ -125,7 +121,7 @@ class StepSpec(_Strict):
             yield from self.phrases
 
 
-class NormaliseSpec(_Strict):
+class NormaliseSpec(StrictModel):
     fillers: list[str]
     synonyms: dict[str, str] = Field(default_factory=dict)
     numbers: dict[str, float] = Field(default_factory=dict)
@@ -145,7 +141,7 @@ class NormaliseSpec(_Strict):
         return amounts
 
 
-class PlanningSpec(_Strict):
+class PlanningSpec(StrictModel):
     """How the planner times instruction events (documented in instructions.yaml)."""
 
     onset_max_s: float = Field(ge=0)
@@ -156,7 +152,7 @@ class PlanningSpec(_Strict):
     closure_margin_s: float = Field(ge=0)
 
 
-class VocabularyFile(_Strict):
+class VocabularyFile(StrictModel):
     version: int
     planning: PlanningSpec
     normalise: NormaliseSpec

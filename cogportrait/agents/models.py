@@ -32,7 +32,9 @@ def interval(target: Target) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Frozen, and unknown keys are an error: every agent message and data table of Stage 1."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -49,7 +51,7 @@ def _check_targets(targets: dict[str, Target]) -> dict[str, Target]:
     return targets
 
 
-class Action(_Strict):
+class Action(StrictModel):
     """A phasic eye action inside an event: a blink, a wink or a held closure, in plan frames."""
 
     kind: Literal["blink", "wink", "closure"]
@@ -68,7 +70,7 @@ class Action(_Strict):
         return self.start_frame + self.n_frames
 
 
-class Event(_Strict):
+class Event(StrictModel):
     """One staged event of a plan: a span, what it means, and what the 17 channels should do."""
 
     start_s: float = Field(ge=0)
@@ -104,7 +106,7 @@ class Event(_Strict):
         return self.end_frame - self.start_frame
 
 
-class Plan(_Strict):
+class Plan(StrictModel):
     """The planner's output: staged events tiling ``[0, n_frames)`` at ``fps``."""
 
     label: str | None = None
@@ -128,7 +130,7 @@ class Plan(_Strict):
         return self
 
 
-class Edit(_Strict):
+class Edit(StrictModel):
     """One edit the composer applied to a retrieved prototype (paper §3.3: trim, rescale, stitch)."""
 
     op: Literal["trim", "loop", "time_scale", "rescale", "stitch", "anchor_pose", "overlay", "synthesise"]
@@ -137,7 +139,7 @@ class Edit(_Strict):
     values: dict[str, float] = Field(default_factory=dict, description="the numbers of the edit (frames, gains, ...)")
 
 
-class Retrieved(_Strict):
+class Retrieved(StrictModel):
     """A prototype the composer chose, with its Eq. 3 distance and the frames it took."""
 
     prototype_id: str
@@ -149,7 +151,7 @@ class Retrieved(_Strict):
     source_end: int = Field(0, ge=0)
 
 
-class EventComposition(_Strict):
+class EventComposition(StrictModel):
     """How one event's span was filled: its targets, the prototype(s) chosen, the edits."""
 
     event_index: int = Field(ge=0)
@@ -160,7 +162,7 @@ class EventComposition(_Strict):
     edits: list[Edit] = Field(default_factory=list)
 
 
-class Composition(_Strict):
+class Composition(StrictModel):
     """The composer's output: per event, the prototypes and edits; the controls are stored beside it."""
 
     events: list[EventComposition]
@@ -169,7 +171,7 @@ class Composition(_Strict):
     round: int = Field(0, ge=0, description="composer round that produced it (0 = first)")
 
 
-class CriticCheck(_Strict):
+class CriticCheck(StrictModel):
     """One semantic or physiological check: its verdict, the channels, the numbers against the rule."""
 
     name: str
@@ -184,7 +186,7 @@ class CriticCheck(_Strict):
     revise: Literal["none", "composer", "planner"] = "none"
 
 
-class Revision(_Strict):
+class Revision(StrictModel):
     """What one critic round changed, and why."""
 
     round: int
@@ -193,7 +195,7 @@ class Revision(_Strict):
     action: str
 
 
-class CriticReport(_Strict):
+class CriticReport(StrictModel):
     """The critic's final word: every check of the last round and every revision made before it."""
 
     approved: bool
