@@ -531,9 +531,15 @@ def from_mapping(cls: type[T], values: dict[str, Any] | None, section: str = "")
 
 
 def _typed(name: str, value: Any, kind: Any) -> Any:
-    """``value`` checked against a field's annotation (bool, int, float, str or a nested config)."""
+    """``value`` checked against a field's annotation (bool, int, float, str, a homogeneous tuple of
+    those, written as a YAML list, or a nested config)."""
     if dataclasses.is_dataclass(kind):
         return from_mapping(kind, value, name)
+    if typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}={value!r} must be a list of {item.__name__}, got {type(value).__name__}")
+        return tuple(_typed(f"{name}[{i}]", v, item) for i, v in enumerate(value))
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -559,6 +565,13 @@ def parse_value(cls: type, dotted: str, text: str, section: str = "") -> Any:
     name = ".".join(filter(None, [section, dotted]))
     if dataclasses.is_dataclass(kind):
         raise ConfigError(f"{name} is a section; set one of its keys: {', '.join(sorted(typing.get_type_hints(kind)))}")
+    if typing.get_origin(kind) is tuple:  # a list on the command line: comma-separated
+        item = typing.get_args(kind)[0]
+        return tuple(_parse_scalar(name, item, part) for part in text.split(",") if part.strip())
+    return _parse_scalar(name, kind, text)
+
+
+def _parse_scalar(name: str, kind: type, text: str) -> Any:
     if kind is bool:
         word = text.strip().lower()
         if word not in TRUE_WORDS | FALSE_WORDS:

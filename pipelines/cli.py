@@ -36,6 +36,8 @@ from cogportrait.io.video import VideoError
 from cogportrait.schema import TableError
 from prototype_store.errors import LibraryError
 from prototype_store.retrieval import TargetError, UnknownChannelError
+from cogportrait.face.tps import AlignmentError
+from training.errors import SampleInputError, TrainingDataError
 
 log = logging.getLogger("cogportrait")
 
@@ -43,7 +45,8 @@ log = logging.getLogger("cogportrait")
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, ManifestError, ModelFileError, VideoError, TableError, LibraryError, TargetError, UnknownChannelError,
     AUBackendError, FileNotFoundError, UnknownCategoryError, CategoryTableError, InstructionError, VocabularyError,
-    PlanningError, ReferencePortraitError, CompileInputError,
+    PlanningError, ReferencePortraitError, CompileInputError, SampleInputError, AlignmentError,
+    TrainingDataError,
 )
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -76,6 +79,11 @@ def _set(section: str, key: str, flag: str, help: str) -> Option:
 
 def _workers(section: str) -> Option:
     return Option(("--workers",), "Ray workers (CPUs) to use", (f"{section}.num_workers",))
+
+
+def _stage2_set() -> Option:
+    return Option(("--set",), "override a key of the training config (dotted, e.g. train.steps=10); repeat",
+                  kwargs={"action": "append", "default": [], "metavar": "KEY=VALUE", "dest": "stage2_set"})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,6 +199,70 @@ def run_face_convert_flame(cfg: Configs, args: argparse.Namespace) -> dict:
     return convert_flame(args.model, args.embedding, args.out, n_shape=args.n_shape)
 
 
+def load_training_config(args: argparse.Namespace, extra: dict[str, Any] | None = None):
+    """``--config`` with every ``--set`` applied (typed by the config's fields)."""
+    from training.config import Stage2Config, load_stage2_config
+
+    overrides: dict[str, Any] = {}
+    for item in args.stage2_set:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        set_dotted(overrides, key.strip(), parse_value(Stage2Config, key.strip(), text))
+    for key, value in (extra or {}).items():
+        set_dotted(overrides, key, value)
+    return load_stage2_config(args.config, overrides)
+
+
+def ensure_training_tables(cfg, params_path: str) -> dict[str, Any]:
+    """A fresh clone has no ``data/extract``: run the curate and extract stages' code on the params'
+    dataset (the shipped sample by default) so ``train`` works without ``dvc repro`` first."""
+    clips, frames = Path(cfg.data.clips), Path(cfg.data.frames)
+    if clips.is_file() and frames.is_file():
+        return {}
+    from cogportrait.config import CurateConfig, ExtractConfig, load_section
+
+    curate_cfg, extract_cfg = load_section(CurateConfig, "curate", params_path), load_section(ExtractConfig, "extract", params_path)
+    if Path(extract_cfg.out).resolve() != frames.parent.resolve() or Path(extract_cfg.out).resolve() != clips.parent.resolve():
+        raise FileNotFoundError(f"training tables {clips} / {frames} are missing (run `dvc repro extract`, or point data.clips/"
+                                f"data.frames at the extract stage's output)")
+    from pipelines.curate import run as run_curate_job
+    from pipelines.extract import run as run_extract_job
+
+    log.info("%s missing: running the curate and extract stages on %s first", frames, curate_cfg.manifest)
+    done: dict[str, Any] = {}
+    if not Path(extract_cfg.clips).is_file():
+        done["curate"] = run_curate_job(curate_cfg)
+    done["extract"] = run_extract_job(extract_cfg)
+    return done
+
+
+def run_train(cfg: Configs, args: argparse.Namespace) -> dict:
+    import shutil
+
+    stage2 = load_training_config(args, {"train.num_workers": args.workers} if args.workers else None)
+    if args.fresh:
+        out = Path(stage2.train.out)
+        for name in ("checkpoints", "loss.csv", "metrics.json", "ray"):
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    prepared = ensure_training_tables(stage2, args.params)
+    from pipelines._ray import ONE_ROW_PER_BLOCK, start_ray
+    from training.recipes.flow_matching import launch
+
+    start_ray(num_cpus=None, max_block_bytes=ONE_ROW_PER_BLOCK)
+    result = launch(stage2)
+    return {**result, **({"prepared": prepared} if prepared else {})}
+
+
+def run_sample(cfg: Configs, args: argparse.Namespace) -> dict:
+    from training.generate import SampleArgs, sample
+
+    stage2 = load_training_config(args)
+    return sample(stage2, SampleArgs(reference=args.reference, keypoints=args.keypoints, out=args.out, checkpoint=args.checkpoint,
+                                     audio=args.audio, prompt=args.prompt, seed=args.seed))
+
+
 def run_models_check(cfg: Configs, args: argparse.Namespace) -> dict:
     from cogportrait.face.model_files import face_detector_path, face_landmarker_path
 
@@ -304,6 +376,27 @@ VERBS: dict[str, Verb] = {
         (_set("evaluate_stage1", "library", "--library", "prototype library folder"),
          _set("evaluate_stage1", "out", "--out", "output folder (report.json, table.md, metrics.json)"),
          _set("evaluate_stage1", "max_clips", "--max-clips", "evaluate only the first N clips (0 = all)")),
+    ),
+    "train": Verb(
+        "Stage 2: fine-tune PortraitDiT with flow matching on Ray Train (resumes from the latest checkpoint)",
+        run_train, (),
+        (Option(("--config",), "training config (training/configs/*.yaml)", kwargs={"required": True}),
+         _stage2_set(),
+         Option(("--fresh",), "delete the output folder's checkpoints and loss log first", kwargs={"action": "store_true"}),
+         Option(("--workers",), "Ray Train workers (overrides train.num_workers)", kwargs={"type": int})),
+    ),
+    "sample": Verb(
+        "Stage 2: reference portrait + Stage 1 keypoints (+ audio, prompt) -> mp4 with dynamic eye-region CFG",
+        run_sample, (),
+        (Option(("--config",), "training config (training/configs/*.yaml)", kwargs={"required": True}),
+         Option(("--checkpoint",), "checkpoint folder (default: the config's weights, random for tiny)"),
+         Option(("--reference",), "reference portrait image", kwargs={"required": True}),
+         Option(("--keypoints",), "Stage 1's keypoints.parquet (cogportrait compile)", kwargs={"required": True}),
+         Option(("--audio",), "16 kHz WAV: muxed, and its length sets the frame count"),
+         Option(("--prompt",), "text prompt (default: the config's template without a label)"),
+         Option(("--seed",), "random seed: same seed, same video", kwargs={"type": int, "default": 0}),
+         Option(("--out",), "output folder (video.mp4, sample.json)", kwargs={"required": True}),
+         _stage2_set()),
     ),
     "models check": Verb("verify the sha256 of every bundled model file", run_models_check),
 }

@@ -5,6 +5,7 @@ library provides to the prototype store (a layer above it) and writes the output
 
     plan.json, composition.json, critic.json       the agents' validated answers
     controls.parquet (T x 17), keypoints.parquet (T x 62 x 3)
+    neutral_keypoints.parquet (1 x 62 x 3)  the rest face at frame 0's pose: Stage 2 warps it onto the portrait
     channels.png     the 17 channels with the events shaded
     preview.mp4      the keypoints drawn on the reference portrait (audio muxed when given)
     blendshapes.csv  the controls as ARKit-52 curves in the Live Link Face CSV layout
@@ -117,7 +118,7 @@ def write_outputs(
     T = len(result.controls)
     times = np.arange(T) / CLIP_FPS
     paths = {name: out / name for name in ("plan.json", "composition.json", "critic.json", "controls.parquet",
-                                           "keypoints.parquet", "channels.png", "preview.mp4", "blendshapes.csv")}
+                                           "keypoints.parquet", "neutral_keypoints.parquet", "channels.png", "preview.mp4", "blendshapes.csv")}
     for name, model in (("plan.json", result.plan), ("composition.json", result.composition), ("critic.json", result.report)):
         if model is not None:
             write_json(paths[name], json.loads(model.model_dump_json()))
@@ -129,6 +130,10 @@ def write_outputs(
     write_table(paths["keypoints.parquet"], pa.table({
         "frame": pa.array(np.arange(T, dtype=np.int32)), "time_s": pa.array(times),
         "keypoints": pa.FixedSizeListArray.from_arrays(pa.array(result.keypoints.reshape(-1)), N_KEYPOINTS * 3),
+    }), COMPILED_KEYPOINTS_SCHEMA)
+    write_table(paths["neutral_keypoints.parquet"], pa.table({
+        "frame": pa.array([0], pa.int32()), "time_s": pa.array([0.0]),
+        "keypoints": pa.FixedSizeListArray.from_arrays(pa.array(result.neutral_keypoints.reshape(-1)), N_KEYPOINTS * 3),
     }), COMPILED_KEYPOINTS_SCHEMA)
     spans = [(e.start_frame, e.end_frame, e.stage) for e in result.plan.events] if result.plan else []
     title = f"{result.plan.label or 'instruction'}" if result.plan else result.variant

@@ -180,3 +180,26 @@ def edge_extracted(edge_clips, ray_session, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("edge_extracted")
     run(ExtractConfig(clips=str(edge_clips["dir"] / "clips.parquet"), out=str(out), num_workers=2))
     return out
+
+
+# -- Stage 1 outputs (issue 8), shared by the compile and sample tests -------------------------
+@pytest.fixture(scope="session")
+def compile_cfg(sample_library, inverted_sample):
+    from cogportrait.config import CompileConfig
+
+    return CompileConfig(library=str(sample_library), face_model=str(inverted_sample / "face_model"),
+                         categories=str(REPO / "datasets/emh/categories.yaml"),
+                         instructions=str(REPO / "datasets/emh/instructions.yaml"))
+
+
+@pytest.fixture(scope="session")
+def params_file(compile_cfg, tmp_path_factory) -> Path:
+    """params.yaml pointing `compile` at the session's sample library and face model."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["compile"].update(library=compile_cfg.library, face_model=compile_cfg.face_model,
+                             categories=compile_cfg.categories, instructions=compile_cfg.instructions)
+    path = tmp_path_factory.mktemp("params") / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path

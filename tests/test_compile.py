@@ -15,23 +15,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from cogportrait.agents.compiler import CompileRequest
-from cogportrait.config import CompileConfig, EventsConfig, IndexConfig
+from cogportrait.config import EventsConfig, IndexConfig
 from cogportrait.schema import CHANNEL_INDEX, CLIP_FPS
 from pipelines.cli import main
 
-from conftest import REPO, SAMPLE
+from conftest import SAMPLE
 
 PORTRAIT = SAMPLE / "images" / "pyfeat_single_face.jpg"
 AUDIO = SAMPLE / "audio" / "nemo_audio_5s_16k_mono.wav"
 OUTPUT_FILES = ("plan.json", "composition.json", "critic.json", "controls.parquet", "keypoints.parquet",
-                "channels.png", "preview.mp4", "blendshapes.csv", "summary.json")
-
-
-@pytest.fixture(scope="session")
-def compile_cfg(sample_library, inverted_sample) -> CompileConfig:
-    return CompileConfig(library=str(sample_library), face_model=str(inverted_sample / "face_model"),
-                         categories=str(REPO / "datasets/emh/categories.yaml"),
-                         instructions=str(REPO / "datasets/emh/instructions.yaml"))
+                "neutral_keypoints.parquet", "channels.png", "preview.mp4", "blendshapes.csv", "summary.json")
 
 
 @pytest.fixture(scope="session")
@@ -39,19 +32,6 @@ def compiler(compile_cfg):
     from pipelines.compile import open_compiler
 
     return open_compiler(compile_cfg, EventsConfig())
-
-
-@pytest.fixture(scope="session")
-def params_file(compile_cfg, tmp_path_factory) -> Path:
-    """params.yaml pointing `compile` at the session's sample library and face model."""
-    import yaml
-
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["compile"].update(library=compile_cfg.library, face_model=compile_cfg.face_model,
-                             categories=compile_cfg.categories, instructions=compile_cfg.instructions)
-    path = tmp_path_factory.mktemp("params") / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
 
 
 def _compile(compiler, label=None, instructions=(), seconds=4.0, seed=0, **kw):

@@ -73,10 +73,19 @@ class CompileResult:
     controls: np.ndarray  # (T, 17) float32
     keypoints: np.ndarray  # (T, 62, 3) float32, x/y in [0, 1] of the crop
     rest: np.ndarray  # (17,) the rest levels the metrics and exports measure from
+    neutral_keypoints: np.ndarray  # (62, 3) Π of the rest face at frame 0's head pose: Stage 2's TPS control points
     backend: str
     variant: str
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+
+
+def neutral_controls(rest: np.ndarray, controls: np.ndarray) -> np.ndarray:
+    """The rest face (no AU, gaze at rest) at the sequence's first head pose: where the compiled face
+    sits before it moves, which Stage 2 warps onto the reference's detected keypoints."""
+    neutral = np.asarray(rest, dtype=np.float64).copy()
+    neutral[HEAD] = np.asarray(controls, dtype=np.float64)[0, HEAD]
+    return neutral[None]
 
 
 class RulesBackend:
@@ -279,10 +288,12 @@ class Stage1Compiler:
                               revisions=revisions)
         t = time.perf_counter()
         keypoints = controls_to_keypoints(controls, self.model, baseline, request.placement).astype(np.float32)
+        neutral = neutral_controls(rest, controls)
+        neutral_keypoints = controls_to_keypoints(neutral, self.model, baseline, request.placement)[0].astype(np.float32)
         timings["mapping"] += time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         return CompileResult(plan=plan, composition=composition, report=report, controls=np.asarray(controls, np.float32),
-                             keypoints=keypoints, rest=rest, backend=self.backend.name, variant=variant,
+                             keypoints=keypoints, rest=rest, neutral_keypoints=neutral_keypoints, backend=self.backend.name, variant=variant,
                              timings=timings, warnings=warnings)
 
     def _critic_loop(

@@ -30,10 +30,12 @@ class PreviewInputError(ValueError):
     """Frames, keypoints, a reference image or an audio file the preview cannot use."""
 
 
-def decode_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+def decode_audio(path: str | os.PathLike, rate: int | None = None, mono: bool = False) -> tuple[np.ndarray, int]:
     """Return (float32 samples in [-1, 1] shaped (channels, n), rate) of a file's first audio stream.
 
-    Mono stays mono; two or more channels become stereo (AAC here carries 1 or 2).
+    Mono stays mono; two or more channels become stereo (AAC here carries 1 or 2), or are mixed to
+    mono with ``mono``. ``rate`` resamples (an audio encoder's input rate); by default the source
+    rate is kept when AAC can carry it.
     """
     path = Path(path)
     if not path.is_file():
@@ -45,8 +47,8 @@ def decode_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
                 raise PreviewInputError(f"{path.name} has no audio stream")
             stream = container.streams.audio[0]
             src_rate = stream.codec_context.sample_rate
-            rate = src_rate if src_rate in AAC_RATES else FALLBACK_AUDIO_RATE
-            layout = "mono" if stream.codec_context.channels == 1 else "stereo"
+            rate = rate or (src_rate if src_rate in AAC_RATES else FALLBACK_AUDIO_RATE)
+            layout = "mono" if mono or stream.codec_context.channels == 1 else "stereo"
             resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
             for frame in container.decode(stream):
                 chunks.extend(out.to_ndarray() for out in resampler.resample(frame))

@@ -1,0 +1,1 @@
+"""Ray Train recipes (the only part of ``training/`` that imports Ray)."""
