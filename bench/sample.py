@@ -26,27 +26,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import PeakRss, machine_info  # noqa: E402
-from bench.train import build_dit, latent_shape, overrides, synthetic_batch  # noqa: E402
+from bench.train import add_common_args, build_dit, latent_shape, open_config, synthetic_batch  # noqa: E402
 from training.conditioning import padded_frame_count  # noqa: E402
-from training.config import GuidanceConfig, SampleConfig, load_stage2_config  # noqa: E402
+from training.config import GuidanceConfig, SampleConfig  # noqa: E402
 from training.guidance import eye_gaussian_map  # noqa: E402
 from training.sampler import sample_latents  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="training/configs/tiny.yaml")
-    ap.add_argument("--set", action="append", default=[], dest="overrides")
-    ap.add_argument("--device", default="cpu")
+    add_common_args(ap)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--steps", type=int, default=None, help="default: sample.steps")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    cfg = load_stage2_config(args.config, overrides(args.overrides))
-    device = torch.device(args.device)
+    cfg, device = open_config(args)
     steps = args.steps or cfg.sample.steps
     frames = padded_frame_count(int(round(args.seconds * 25)))
     shape = latent_shape(cfg, 1, frames, cfg.data.resolution)

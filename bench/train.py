@@ -28,18 +28,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import PeakRss, machine_info  # noqa: E402
 from training.conditioning import Stage2Batch  # noqa: E402
-from training.config import Stage2Config, load_stage2_config  # noqa: E402
+from training.config import Stage2Config, load_stage2_config, parse_overrides  # noqa: E402
 from training.objective import draw_noise, flow_matching_errors, step_generator  # noqa: E402
 
 
-def overrides(items: list[str]) -> dict:
-    from cogportrait.config import parse_value, set_dotted
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """The options bench/train.py and bench/sample.py share."""
+    ap.add_argument("--config", default="training/configs/tiny.yaml")
+    ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
 
-    out: dict = {}
-    for item in items:
-        key, _, text = item.partition("=")
-        set_dotted(out, key, parse_value(Stage2Config, key, text))
-    return out
+
+def open_config(args: argparse.Namespace) -> tuple[Stage2Config, torch.device]:
+    torch.set_num_threads(args.threads)
+    return load_stage2_config(args.config, parse_overrides(args.overrides)), torch.device(args.device)
 
 
 def build_dit(cfg: Stage2Config, device: torch.device):
@@ -72,21 +75,16 @@ def synthetic_batch(cfg: Stage2Config, shape: tuple[int, ...], device: torch.dev
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="training/configs/tiny.yaml")
-    ap.add_argument("--set", action="append", default=[], dest="overrides")
-    ap.add_argument("--device", default="cpu")
+    add_common_args(ap)
     ap.add_argument("--batch", type=int, default=None, help="default: train.batch_size")
     ap.add_argument("--frames", type=int, default=None, help="default: data.n_frames")
     ap.add_argument("--resolution", type=int, default=None, help="default: data.resolution")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--with-encoders", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    cfg = load_stage2_config(args.config, overrides(args.overrides))
-    device = torch.device(args.device)
+    cfg, device = open_config(args)
     b = args.batch or cfg.train.batch_size
     frames, res = args.frames or cfg.data.n_frames, args.resolution or cfg.data.resolution
     shape = latent_shape(cfg, b, frames, res)

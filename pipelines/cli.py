@@ -201,14 +201,9 @@ def run_face_convert_flame(cfg: Configs, args: argparse.Namespace) -> dict:
 
 def load_training_config(args: argparse.Namespace, extra: dict[str, Any] | None = None):
     """``--config`` with every ``--set`` applied (typed by the config's fields)."""
-    from training.config import Stage2Config, load_stage2_config
+    from training.config import load_stage2_config, parse_overrides
 
-    overrides: dict[str, Any] = {}
-    for item in args.stage2_set:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        set_dotted(overrides, key.strip(), parse_value(Stage2Config, key.strip(), text))
+    overrides = parse_overrides(args.stage2_set)
     for key, value in (extra or {}).items():
         set_dotted(overrides, key, value)
     return load_stage2_config(args.config, overrides)

@@ -282,6 +282,20 @@ def resolve_paths(cfg: Stage2Config, base: str | Path | None = None) -> Stage2Co
     return replace(cfg, model=model, data=data, train=replace(cfg.train, out=absolute(cfg.train.out)))
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.steps=10", ...]`` (``--set`` on the command line) -> nested overrides, each value typed
+    by its field."""
+    from cogportrait.config import parse_value, set_dotted
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        set_dotted(out, key.strip(), parse_value(Stage2Config, key.strip(), text))
+    return out
+
+
 def load_stage2_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Stage2Config:
     """A ``training/configs/*.yaml`` file as a ``Stage2Config`` (``overrides``: nested dict of keys)."""
     path = Path(path)

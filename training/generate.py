@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import torch
@@ -26,6 +25,7 @@ from cogportrait.io.preview import PreviewInputError, decode_audio, write_video
 from cogportrait.schema import AUDIO_SAMPLE_RATE, CLIP_FPS, N_KEYPOINTS
 from training.checkpoint import load_model_weights, weights_hash
 from training.conditioning import encode_batch, padded_frame_count
+from training.data import resize_square
 from training.errors import SampleInputError
 from training.config import Stage2Config
 from training.guidance import eye_gaussian_map
@@ -57,7 +57,7 @@ class Stage2Generator:
             self.weights = {"checkpoint": str(checkpoint), "sha256": weights_hash(checkpoint)}
         else:
             self.weights = {"checkpoint": None, "source": cfg.model.source, "sha256": state_hash(self.model.dit)}
-        self.model.to(self.device)
+        self.model.to(self.device, torch.bfloat16 if self.device.type == "cuda" else None)
         self.model.dit.eval()
         self.null_text = self.model.text([cfg.sample.negative_prompt])
 
@@ -73,7 +73,7 @@ class Stage2Generator:
         if n < 1:
             raise SampleInputError("no keypoint frames to generate")
         f = padded_frame_count(n)
-        kp = np.concatenate([keypoints, np.repeat(keypoints[-1:], f - n, axis=0)]).astype(np.float32)
+        kp = np.pad(np.asarray(keypoints, np.float32), ((0, f - n), (0, 0), (0, 0)), mode="edge")  # the VAE's 4k + 1 frames
         samples = int(round(f / CLIP_FPS * AUDIO_SAMPLE_RATE))
         wave = np.zeros(samples, np.float32) if audio is None else np.asarray(audio, np.float32)[:samples]
         wave = np.pad(wave, (0, samples - len(wave)))
@@ -81,8 +81,9 @@ class Stage2Generator:
         h, w = cond.latents.shape[-2:]
         eye_map = torch.from_numpy(eye_gaussian_map(kp, (h, w), self.cfg.sample.guidance.kappa))
         generator = torch.Generator().manual_seed(int(seed))
-        latents = sample_latents(self.model.dit, cond, self.null_text, eye_map, self.cfg.sample, self.cfg.flow.shift,
-                                 generator, progress=progress)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            latents = sample_latents(self.model.dit, cond, self.null_text, eye_map, self.cfg.sample, self.cfg.flow.shift,
+                                     generator, progress=progress)
         return self.model.codec.decode(latents)[0][:n]
 
 
@@ -141,12 +142,12 @@ def sample(cfg: Stage2Config, args: SampleArgs, generator: Stage2Generator | Non
         except PreviewInputError as err:
             raise SampleInputError(f"cannot read audio {args.audio}: {err}") from None
         n = int(round(len(audio) / AUDIO_SAMPLE_RATE * CLIP_FPS))  # frames = audio length x 25
-        keypoints = keypoints[:n] if n <= len(keypoints) else np.concatenate([keypoints, np.repeat(keypoints[-1:], n - len(keypoints), 0)])
+        keypoints = np.pad(keypoints[:n], ((0, max(n - len(keypoints), 0)), (0, 0), (0, 0)), mode="edge")  # the last pose held
     reference = read_reference(args.reference)
     keypoints, alignment = aligned_keypoints(keypoints, keypoints_path, reference.keypoints)
     generator = generator or Stage2Generator(cfg, args.checkpoint)
     size = generator.resolution
-    portrait = cv2.resize(reference.image, (size, size), interpolation=cv2.INTER_AREA)
+    portrait = resize_square(reference.image, size)
     prompt = args.prompt if args.prompt is not None else cfg.data.prompt_template.format(label="", identity="").strip(" ,")
     t1 = time.perf_counter()
     frames = generator(portrait, keypoints, audio, prompt, args.seed, progress=True)

@@ -225,9 +225,11 @@ class Stage2Model:
     audio: AudioEncoder
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Stage2Model:
+        """Move everything to ``device``; ``dtype`` casts the frozen parts only (the DiT keeps float32
+        master weights and runs under autocast)."""
         self.dit.to(device)
         for frozen in (self.codec.vae, self.text.encoder, self.audio.encoder):
-            frozen.to(device=device, dtype=dtype) if dtype is not None else frozen.to(device)
+            frozen.to(device=device, dtype=dtype or next(frozen.parameters()).dtype)
         return self
 
 

@@ -47,7 +47,7 @@ def flow_matching_errors(dit: PortraitDiT, batch: Stage2Batch, draw: NoiseDraw, 
     x_t[:, :, :1] = batch.latents[:, :, :1]
     keep_text = draw.keep_text.to(device).reshape(-1, 1, 1)
     text = keep_text * batch.text_states + (1 - keep_text) * null_text.to(device)
-    timestep = token_timesteps(sigma, tuple(x_t.shape), dit.patch_size)
+    timestep = token_timesteps(sigma, tuple(x_t.shape), getattr(dit, "module", dit).patch_size)  # DDP wraps the model
     prediction = dit(x_t, timestep, text, batch.audio_states, batch.pose_latents,
                      pose_keep=draw.keep_pose.to(device), audio_keep=draw.keep_audio.to(device))
     return per_sample_flow_error(prediction, velocity_target(batch.latents, noise))

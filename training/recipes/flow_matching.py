@@ -128,9 +128,9 @@ class FlowMatchingRecipe:
                        "tokens_per_s": per_step * (self.seq_len or 0) / dt}
             if self.rank == 0:
                 log.info("step %d/%d loss %.5f (%.2f s)", self.state.step, cfg.train.steps, loss, dt)
-                self.write_logs(metrics)
                 if self.state.step % cfg.train.checkpoint_every == 0 or self.state.step == cfg.train.steps:
                     save_checkpoint(self.out / "checkpoints", self.model.dit, self.optimizer, self.state, cfg.train.keep_checkpoints)
+                    self.write_logs(metrics)  # with the checkpoint: the curve never runs ahead of what a resume restores
             ray.train.report(metrics)
 
     def write_logs(self, last: dict[str, float]) -> None:
