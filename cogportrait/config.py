@@ -237,6 +237,45 @@ class KtoConfig:
         _check_range("num_workers", self.num_workers, 1)
 
 
+KTO_SPLITS = ("train", "test", "all")  # which kto.parquet rows `kto negatives` generates for
+
+
+@dataclass(frozen=True)
+class KtoNegativesConfig:
+    """Undesirable KTO samples (paper §3.4): the Stage 2 checkpoint regenerates each desirable window
+    under its own conditions; a video is kept when it shows poor control, else rejected as well_controlled.
+
+    The criteria's own thresholds (head angles, brow activity, gaze shift size) are kto_mine's and
+    the blink detector's settings invert's, so a category is measured the same way it was mined.
+    """
+
+    kto: str = "data/kto/kto.parquet"  # the desirable windows (kto_mine)
+    frames: str = "data/extract/frames.parquet"  # the real windows' signals: each criterion's target
+    clips: str = "data/curate/clips.parquet"  # mirrored flag per clip (re-extraction follows the source)
+    stage2_config: str = "training/configs/tiny.yaml"
+    checkpoint: str = "data/stage2/tiny/checkpoints"  # a checkpoint, or a folder of them (the latest); "" = the config's weights
+    out: str = "data/kto_negatives"
+    split: str = "train"  # train | test | all
+    sample_steps: int = 8  # sampler steps (overrides the training config's sample.steps)
+    seed: int = 0  # per-sample seeds are hashed from it and the source sample id
+    max_samples: int = 0  # 0: every selected row; else the first N by sample_id
+    min_face_ratio: float = 0.8  # below this share of generated frames with a face: no_face
+    max_eye_lmd: float = 0.02  # Eye-LMD (crop units) above this: eye_lmd
+    min_criterion_ratio: float = 0.5  # the category's measure below this share of the real window's: criterion
+    num_workers: int = 2
+    num_gpus: float = 0.0  # per generator actor; > 0 puts the generator on the GPU
+
+    def __post_init__(self) -> None:
+        _check_choice("split", self.split, KTO_SPLITS)
+        _check_range("sample_steps", self.sample_steps, 1, 1000)
+        _check_range("max_samples", self.max_samples, 0)
+        _check_range("min_face_ratio", self.min_face_ratio, 0.0, 1.0)
+        _check_range("max_eye_lmd", self.max_eye_lmd, 0.0)
+        _check_range("min_criterion_ratio", self.min_criterion_ratio, 0.0)
+        _check_range("num_workers", self.num_workers, 1)
+        _check_range("num_gpus", self.num_gpus, 0.0)
+
+
 AU_BACKEND_NAMES = ("blendshape", "pyfeat")
 
 
@@ -508,6 +547,30 @@ class Stage1EvalConfig:
         _check_range("max_clips", self.max_clips, 0)
 
 
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Batch generation (``cogportrait generate``): a requests table -> Stage 1 -> Stage 2 -> mp4 per request.
+
+    Stage 1 runs with the ``compile`` section (library, face model, backend; each request's seed
+    replaces ``compile.seed``), Stage 2 with the training config named here.
+    """
+
+    requests: str = "datasets/sample/requests.parquet"  # GENERATE_REQUESTS_SCHEMA; paths relative to its folder
+    out: str = "data/generate"  # requests/<request_id>/, generated.parquet, rejects.parquet, metrics.json
+    stage2_config: str = "training/configs/tiny.yaml"
+    checkpoint: str = ""  # a Stage 2 checkpoint folder; "" = the training config's own weights (random for tiny)
+    sample_steps: int = 8  # sampler steps; 0 = the training config's sample.steps
+    num_workers: int = 2  # generating actors, each holding one compiler and one Stage 2 model
+    cpus_per_worker: int = 1  # Ray CPUs per actor (its torch threads)
+    gpus_per_worker: float = 1.0  # GPUs per actor when the cluster has GPUs; 0 = CPU actors always
+
+    def __post_init__(self) -> None:
+        _check_range("sample_steps", self.sample_steps, 0, 1000)
+        _check_range("num_workers", self.num_workers, 1)
+        _check_range("cpus_per_worker", self.cpus_per_worker, 1)
+        _check_range("gpus_per_worker", self.gpus_per_worker, 0.0)
+
+
 def from_mapping(cls: type[T], values: dict[str, Any] | None, section: str = "") -> T:
     """Build a config dataclass from a params mapping: unknown keys, wrong types and nested
     sections are refused with a message naming the key (``section.key``) and what is valid."""
@@ -621,10 +684,12 @@ STAGE_CONFIGS: dict[str, type] = {
     "prototypes": PrototypesConfig,
     "index": IndexConfig,
     "kto_mine": KtoConfig,
+    "kto_negatives": KtoNegativesConfig,
     "compile": CompileConfig,
     "evaluate_stage1": Stage1EvalConfig,
+    "generate": GenerateConfig,
 }
 __all__ = [
-    "COMPILE_BACKENDS", "CompileConfig", "ConfigError", "CriticConfig", "CurateConfig", "OpenAIConfig", "Stage1EvalConfig", "EventsConfig", "ExtractConfig", "IndexConfig", "InversionSettings", "InvertConfig", "KtoConfig",
+    "COMPILE_BACKENDS", "CompileConfig", "ConfigError", "CriticConfig", "CurateConfig", "OpenAIConfig", "Stage1EvalConfig", "EventsConfig", "ExtractConfig", "GenerateConfig", "IndexConfig", "InversionSettings", "InvertConfig", "KtoConfig", "KtoNegativesConfig",
     "PrototypesConfig", "RestSettings", "STAGE_CONFIGS", "from_mapping", "load_params", "load_section", "parse_value",
     "set_dotted"]

@@ -113,7 +113,8 @@ AUDIO_SAMPLE_RATE = 16_000
 # --------------------------------------------------------------------------------------------
 REJECT_STAGES: tuple[str, ...] = (
     "manifest", "probe", "scenes", "face_track", "text", "quality", "motion", "crop",
-    "extract", "invert", "prototypes", "kto",
+    "extract", "invert", "prototypes", "kto", "kto_negatives",
+    "generate",
 )
 REJECT_REASONS: dict[str, str] = {
     "invalid_row": "a manifest row lacks an id or path, or has an unreadable value",
@@ -135,6 +136,17 @@ REJECT_REASONS: dict[str, str] = {
     "chaotic_motion": "face moves too fast to be a usable talking head",
     "decode_error": "decoding failed part-way through the span",
     "no_frames": "the clip decodes to zero frames",
+    "no_keypoints": "a KTO sample without conditioning keypoints (kto_mine ran without frames.parquet)",
+    "well_controlled": "the generated video follows its conditions: not an undesirable KTO sample",
+    # cogportrait generate (a request row; missing_file, duplicate_id, no_face, too_short also apply)
+    "invalid_request": "a request row lacks a usable id or reference, asks nothing (no label, no instruction), gives both a duration and an audio, or a non-positive duration",
+    "no_length": "a request gives neither a duration nor an audio file: nothing sets its length",
+    "unreadable_image": "the reference portrait is not a readable image",
+    "unreadable_audio": "the audio file cannot be decoded",
+    "unknown_label": "the label is not a known category (rules backend)",
+    "unreadable_instruction": "the instruction grammar cannot read an instruction",
+    "unplannable": "the planner cannot honour the request (e.g. an instruction timed past the end)",
+    "unalignable": "the compiled keypoints cannot be warped onto the portrait's detected face",
 }
 REJECT_REASON_NAMES: tuple[str, ...] = tuple(REJECT_REASONS)
 
@@ -397,6 +409,41 @@ KTO_SCHEMA = pa.schema(
     ]
 )
 
+# Undesirable KTO samples (`cogportrait kto negatives`): KTO_SCHEMA's columns first (one loader reads
+# both tables; video_path is the generated mp4, whose frame i is window frame i), then the scores.
+KTO_NEGATIVE_REASONS: dict[str, str] = {  # why a generated video was kept, checked in this order
+    "no_face": "too few generated frames with a face found by the extract stage's landmarker",
+    "eye_lmd": "the re-extracted eye-region keypoints stray from the conditioning keypoints",
+    "criterion": "the category's own behaviour (head angle, brow asymmetry, gaze shifts, blinks) is not reproduced",
+}
+KTO_NEGATIVES_SCHEMA = pa.schema(
+    list(KTO_SCHEMA)
+    + [
+        pa.field("source_sample_id", pa.string(), nullable=False),  # the desirable row whose conditions were used
+        pa.field("checkpoint_sha256", pa.string(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("face_ratio", pa.float32()),  # share of generated frames (after the reference slot) with a face
+        pa.field("eye_lmd", pa.float32()),  # null when no generated frame has a face
+        pa.field("criterion", pa.string()),  # the category's measure, e.g. blink_count
+        pa.field("criterion_value", pa.float32()),  # measured on the generated video (null without a face)
+        pa.field("criterion_target", pa.float32()),  # the same measure on the real window (null when unmeasurable)
+        pa.field("identity_sim", pa.float32()),  # null: no identity backend installed
+        pa.field("reason", pa.string(), nullable=False),  # KTO_NEGATIVE_REASONS
+    ]
+)
+# Rows of the job before the driver splits them: every candidate, a rejected one with its reason.
+KTO_NEGATIVE_CANDIDATES_SCHEMA = pa.schema(
+    [f.with_nullable(True) for f in KTO_NEGATIVES_SCHEMA]
+    + [
+        pa.field("source_video_path", pa.string()),  # the real clip (the reference frame's source)
+        pa.field("mirrored", pa.bool_()),
+        pa.field("reject_reason", pa.string()),  # REJECT_REASONS; null when kept
+        pa.field("reject_detail", pa.string()),
+        pa.field("t_generate", pa.float64()),  # seconds per step, per row (metrics only)
+        pa.field("t_score", pa.float64()),
+    ]
+)
+
 # Stage 1 outputs (cogportrait compile): one row per frame of the compiled sequence.
 COMPILED_CONTROLS_SCHEMA = pa.schema(
     [
@@ -414,6 +461,57 @@ COMPILED_KEYPOINTS_SCHEMA = pa.schema(
     ]
 )
 
+# Batch generation (`cogportrait generate`): the requests table (paths relative to its folder) and
+# one metadata row per generated video. label, instruction, audio and duration_s may be null where
+# another gives the length: exactly one of duration_s and audio sets it; a label, an instruction or both.
+GENERATE_REQUESTS_SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),  # unique; names the output folder requests/<request_id>/
+        pa.field("label", pa.string()),
+        pa.field("instruction", pa.string()),
+        pa.field("reference", pa.string()),  # portrait image (required)
+        pa.field("audio", pa.string()),  # wav: muxed, conditions Stage 2, and its length sets the frames
+        pa.field("prompt", pa.string()),  # null: the training config's template with the label
+        pa.field("seed", pa.int64()),  # Stage 1 and Stage 2 seed; null: 0
+        pa.field("duration_s", pa.float64()),
+    ]
+)
+GENERATED_SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("output_id", pa.string(), nullable=False),  # make_id of the request's content and the settings
+        pa.field("video_path", pa.string(), nullable=False),  # relative to the out folder
+        pa.field("stage1_dir", pa.string(), nullable=False),  # relative: keypoints.parquet, plan, critic, preview, ...
+        pa.field("reference", pa.string(), nullable=False),  # as the request gave it
+        pa.field("audio", pa.string()),
+        pa.field("label", pa.string()),  # the canonical category (null: instructions alone)
+        pa.field("instruction", pa.string()),
+        pa.field("prompt", pa.string(), nullable=False),  # the prompt used
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("frames", pa.int32(), nullable=False),
+        pa.field("critic_approved", pa.bool_()),
+        pa.field("checkpoint", pa.string()),  # null: the training config's own weights
+        pa.field("weights_sha256", pa.string(), nullable=False),
+        pa.field("sample_steps", pa.int32(), nullable=False),
+        pa.field("device", pa.string(), nullable=False),
+        pa.field("stage1_s", pa.float64()),  # wall seconds of this request's Stage 1 (reference read, compile, files)
+        pa.field("stage2_s", pa.float64()),  # ... and of its Stage 2 (sampling, decode, mp4)
+    ]
+)
+# Rows between the driver and the generating actors: the request with its resolved paths, then
+# either a GENERATED row's values or a reject.
+GENERATE_TASK_SCHEMA = GENERATE_REQUESTS_SCHEMA.append(pa.field("row", pa.int32())).append(
+    pa.field("output_id", pa.string())).append(pa.field("reference_path", pa.string())).append(pa.field("audio_path", pa.string()))
+GENERATE_RESULT_SCHEMA = pa.schema(
+    [f.with_nullable(True) for f in GENERATED_SCHEMA]
+    + [
+        pa.field("row", pa.int32()),
+        pa.field("reject_reason", pa.string()),  # REJECT_REASONS; null when generated
+        pa.field("reject_detail", pa.string()),
+        pa.field("reject_path", pa.string()),
+    ]
+)
+
 TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "videos": VIDEOS_SCHEMA,
     "clips": CLIPS_SCHEMA,
@@ -424,6 +522,9 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "flame_fits": FLAME_FITS_SCHEMA,
     "prototypes": PROTOTYPES_SCHEMA,
     "kto": KTO_SCHEMA,
+    "kto_negatives": KTO_NEGATIVES_SCHEMA,
     "compiled_controls": COMPILED_CONTROLS_SCHEMA,
     "compiled_keypoints": COMPILED_KEYPOINTS_SCHEMA,
+    "generate_requests": GENERATE_REQUESTS_SCHEMA,
+    "generated": GENERATED_SCHEMA,
 }

@@ -17,7 +17,11 @@ def start_ray(num_cpus: int, max_block_bytes: int, preserve_order: bool = False)
     do not, and stream a little better without it).
     """
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+        # A running cluster (RAY_ADDRESS, which `ray job submit` sets for its entrypoint, or the last
+        # `ray start` on this machine) is joined with its own resources: Ray refuses num_cpus there.
+        # Ray's own resolver of ray.init()'s address (private API) says which of the two ray.init does.
+        joining = ray._private.services.canonicalize_bootstrap_address(None) is not None
+        ray.init(num_cpus=None if joining else num_cpus, include_dashboard=False, configure_logging=False)
     ctx = DataContext.get_current()
     ctx.target_max_block_size = max_block_bytes
     ctx.execution_options.preserve_order = preserve_order

@@ -193,6 +193,12 @@ def run_kto_mine(cfg: Configs, args: argparse.Namespace) -> dict:
     return run(cfg["kto_mine"])
 
 
+def run_kto_negatives(cfg: Configs, args: argparse.Namespace) -> dict:
+    from pipelines.kto_negatives import run
+
+    return run(cfg["kto_negatives"], cfg["kto_mine"], cfg["extract"], cfg["invert"])
+
+
 def run_face_convert_flame(cfg: Configs, args: argparse.Namespace) -> dict:
     from cogportrait.face.flame import convert_flame
 
@@ -232,7 +238,8 @@ def ensure_training_tables(cfg, params_path: str) -> dict[str, Any]:
     return done
 
 
-def run_train(cfg: Configs, args: argparse.Namespace) -> dict:
+def _training_run(args: argparse.Namespace):
+    """The training config of ``train``/``train-kto`` with ``--workers``; ``--fresh`` clears its output."""
     import shutil
 
     stage2 = load_training_config(args, {"train.num_workers": args.workers} if args.workers else None)
@@ -241,21 +248,45 @@ def run_train(cfg: Configs, args: argparse.Namespace) -> dict:
         for name in ("checkpoints", "loss.csv", "metrics.json", "ray"):
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    prepared = ensure_training_tables(stage2, args.params)
+    return stage2
+
+
+def _start_training_ray() -> None:
     from pipelines._ray import ONE_ROW_PER_BLOCK, start_ray
+
+    start_ray(num_cpus=None, max_block_bytes=ONE_ROW_PER_BLOCK)  # a training sample is a whole window: a block each
+
+
+def run_train(cfg: Configs, args: argparse.Namespace) -> dict:
     from training.recipes.flow_matching import launch
 
-    start_ray(num_cpus=None, max_block_bytes=ONE_ROW_PER_BLOCK)
-    result = launch(stage2)
-    return {**result, **({"prepared": prepared} if prepared else {})}
+    stage2 = _training_run(args)
+    prepared = ensure_training_tables(stage2, args.params)
+    _start_training_ray()
+    return {**launch(stage2), **({"prepared": prepared} if prepared else {})}
+
+
+def run_train_kto(cfg: Configs, args: argparse.Namespace) -> dict:
+    from training.recipes.kto import launch
+
+    stage2 = _training_run(args)
+    _start_training_ray()
+    return launch(stage2)
 
 
 def run_sample(cfg: Configs, args: argparse.Namespace) -> dict:
     from training.generate import SampleArgs, sample
 
+    from cogportrait.config import CurateConfig, ExtractConfig
+    from cogportrait.face.reference import read_reference
+
     stage2 = load_training_config(args)
+    params = load_params(args.params) if Path(args.params).is_file() else {}
+    curate, extract = (from_mapping(cls, params.get(name), name) for cls, name in ((CurateConfig, "curate"), (ExtractConfig, "extract")))
+    # the portrait as curate's face crop, measured like the extract stage: what Stage 1 and training see
+    reference = read_reference(args.reference, extract, curate.crop_scale)
     return sample(stage2, SampleArgs(reference=args.reference, keypoints=args.keypoints, out=args.out, checkpoint=args.checkpoint,
-                                     audio=args.audio, prompt=args.prompt, seed=args.seed))
+                                     audio=args.audio, prompt=args.prompt, seed=args.seed), reference=reference)
 
 
 def run_models_check(cfg: Configs, args: argparse.Namespace) -> dict:
@@ -276,6 +307,55 @@ def run_evaluate_stage1(cfg: Configs, args: argparse.Namespace) -> dict:
     from pipelines.evaluate_stage1 import run
 
     return run(cfg["evaluate_stage1"], cfg["compile"], cfg["invert"].events)
+
+
+def ensure_stage1_inputs(cfg: Configs) -> dict[str, Any]:
+    """A fresh clone has no prototype library or face model (``dvc repro`` makes them): run the
+    stages that make them (curate, extract, invert, library build) on the params' dataset, the
+    shipped sample by default, each only where its output is missing, so ``generate`` works with no
+    other step (as ``train`` does with ``ensure_training_tables``): they are the files ``dvc repro``
+    makes, by the same code. Only when ``compile`` reads those stages' own outputs: a library or face
+    model configured elsewhere that is missing is the user's to make (one line, exit 2)."""
+    compile_cfg = cfg["compile"]
+    library, face_model = Path(compile_cfg.library), Path(compile_cfg.face_model)
+    library_ok = (library / "prototypes.parquet").is_file() and (library / "index" / "meta.json").is_file()
+    if library_ok and (face_model / "model.json").is_file():
+        return {}
+
+    def same(a: str | Path, b: str | Path) -> bool:
+        return Path(a).resolve() == Path(b).resolve()
+
+    if not (same(library, cfg["prototypes"].out) and same(library, cfg["index"].library)
+            and same(face_model, Path(cfg["invert"].out) / "face_model")):
+        raise FileNotFoundError(f"no prototype library at {library} or no face model at {face_model}, and they are not this "
+                                f"params file's stage outputs (run `dvc repro index invert`, or point compile.library and "
+                                f"compile.face_model at a library and face model)")
+    from pipelines.curate import run as run_curate_job
+    from pipelines.extract import run as run_extract_job
+    from pipelines.invert import run as run_invert_job
+
+    log.info("%s or %s missing: running the curate, extract, invert and library stages on %s first (where their outputs "
+             "are missing; `dvc repro` makes the same files)", library, face_model, cfg["curate"].manifest)
+    done: dict[str, Any] = {}
+    if not (Path(cfg["curate"].out) / "clips.parquet").is_file():
+        done["curate"] = run_curate_job(cfg["curate"])
+    if not (Path(cfg["extract"].out) / "frames.parquet").is_file():
+        done["extract"] = run_extract_job(cfg["extract"])
+    invert_out = Path(cfg["invert"].out)
+    if not ((invert_out / "controls.parquet").is_file() and (invert_out / "events.parquet").is_file()
+            and (face_model / "model.json").is_file()):
+        done["invert"] = run_invert_job(cfg["invert"])
+    if not library_ok:
+        done["library"] = run_library_build(cfg, argparse.Namespace(only=None, local=False))
+    return done
+
+
+def run_generate(cfg: Configs, args: argparse.Namespace) -> dict:
+    from pipelines.generate import run
+
+    prepared = ensure_stage1_inputs(cfg)
+    result = run(cfg["generate"], cfg["compile"], cfg["invert"].events, cfg["extract"], cfg["curate"].crop_scale)
+    return {**result, **({"prepared": prepared} if prepared else {})}
 
 
 UPSTREAM = {  # the inputs of the per-clip jobs (prototypes, kto mine)
@@ -340,6 +420,17 @@ VERBS: dict[str, Verb] = {
         (*(_set("kto_mine", k, f"--{k}", h) for k, h in UPSTREAM.items()),
          _set("kto_mine", "out", "--out", "output folder (kto.parquet, metrics.json)"), _workers("kto_mine")),
     ),
+    "kto negatives": Verb(
+        "undesirable KTO samples: the Stage 2 checkpoint regenerates each desirable window, poorly controlled videos "
+        "are kept (Ray Data job)", run_kto_negatives, ("kto_negatives", "kto_mine", "extract", "invert"),
+        (_set("kto_negatives", "kto", "--kto", "kto_mine's kto.parquet"),
+         _set("kto_negatives", "checkpoint", "--checkpoint", "a Stage 2 checkpoint or a folder of them (latest); '' = the config's weights"),
+         _set("kto_negatives", "stage2_config", "--config", "training config (training/configs/*.yaml)"),
+         _set("kto_negatives", "split", "--split", "train (default), test or all"),
+         _set("kto_negatives", "sample_steps", "--sample-steps", "sampler steps"),
+         _set("kto_negatives", "out", "--out", "output folder (negatives.parquet, rejects.parquet, videos/, metrics.json)"),
+         _workers("kto_negatives")),
+    ),
     "face convert-flame": Verb(
         "convert a licensed FLAME model.pkl + MediaPipe landmark embedding.npz into a pickle-free OUT.npz "
         "(the only command that reads a pickle: run it once, on your own file)", run_face_convert_flame, (),
@@ -380,6 +471,14 @@ VERBS: dict[str, Verb] = {
          Option(("--fresh",), "delete the output folder's checkpoints and loss log first", kwargs={"action": "store_true"}),
          Option(("--workers",), "Ray Train workers (overrides train.num_workers)", kwargs={"type": int})),
     ),
+    "train-kto": Verb(
+        "Stage 2: KTO refinement on boundary cases (desirable real windows vs the generator's poor ones) on Ray Train",
+        run_train_kto, (),
+        (Option(("--config",), "KTO training config (training/configs/*-kto.yaml)", kwargs={"required": True}),
+         _stage2_set(),
+         Option(("--fresh",), "delete the output folder's checkpoints and loss log first", kwargs={"action": "store_true"}),
+         Option(("--workers",), "Ray Train workers (overrides train.num_workers)", kwargs={"type": int})),
+    ),
     "sample": Verb(
         "Stage 2: reference portrait + Stage 1 keypoints (+ audio, prompt) -> mp4 with dynamic eye-region CFG",
         run_sample, (),
@@ -392,6 +491,17 @@ VERBS: dict[str, Verb] = {
          Option(("--seed",), "random seed: same seed, same video", kwargs={"type": int, "default": 0}),
          Option(("--out",), "output folder (video.mp4, sample.json)", kwargs={"required": True}),
          _stage2_set()),
+    ),
+    "generate": Verb(
+        "batch generation (Ray Data job): a requests table -> Stage 1 compile -> Stage 2 sample -> one mp4 per request",
+        run_generate, ("generate", "compile", "invert", "extract", "curate", "prototypes", "index"),
+        (_set("generate", "requests", "--requests", "requests table (request_id, label, instruction, reference, audio, prompt, "
+                                                    "seed, duration_s; paths relative to its folder)"),
+         _set("generate", "out", "--out", "output folder (requests/<id>/, generated.parquet, rejects.parquet, metrics.json)"),
+         _set("generate", "checkpoint", "--checkpoint", "Stage 2 checkpoint folder, or train's checkpoints/ (the latest); "
+                                                        "default: the training config's own weights"),
+         _set("generate", "stage2_config", "--config", "training config (default: training/configs/tiny.yaml)"),
+         _workers("generate")),
     ),
     "models check": Verb("verify the sha256 of every bundled model file", run_models_check),
 }

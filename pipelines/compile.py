@@ -38,20 +38,26 @@ from cogportrait.schema import CLIP_FPS, COMPILED_CONTROLS_SCHEMA, COMPILED_KEYP
 log = logging.getLogger("cogportrait")
 
 
+def audio_seconds(audio: str | os.PathLike) -> float:
+    """An audio file's length in seconds, read by the decoder that muxes it into preview.mp4 (any
+    rate, width, channel count or container)."""
+    from cogportrait.io.preview import PreviewInputError, decode_audio
+
+    if not Path(audio).is_file():
+        raise CompileInputError(f"audio file {audio} not found")
+    try:
+        samples, rate = decode_audio(audio)
+    except PreviewInputError as err:
+        raise CompileInputError(f"cannot read audio {audio}: {err}") from None
+    return samples.shape[1] / rate
+
+
 def n_frames_for(duration_s: float | None, audio: str | None) -> int:
     """T = round(duration x 25), or the audio file's length in frames."""
     if (duration_s is None) == (audio is None):
         raise CompileInputError("give exactly one of --duration SECONDS or --audio FILE.wav")
     if audio is not None:
-        from cogportrait.io.preview import PreviewInputError, decode_audio
-
-        if not Path(audio).is_file():
-            raise CompileInputError(f"audio file {audio} not found")
-        try:  # the decoder that muxes it into preview.mp4: any rate, width, channel count or container
-            samples, rate = decode_audio(audio)
-        except PreviewInputError as err:
-            raise CompileInputError(f"cannot read audio {audio}: {err}") from None
-        duration_s = samples.shape[1] / rate
+        duration_s = audio_seconds(audio)
     assert duration_s is not None
     if not math.isfinite(duration_s) or duration_s <= 0:
         raise CompileInputError(f"duration must be a positive number of seconds, got {duration_s}")
@@ -174,26 +180,43 @@ def run(
         known = sorted(compiler.baselines)
         raise CompileInputError(f"identity {args.identity!r} is not in the face model ({len(known)} known: "
                                 f"{', '.join(known[:8])}{', ...' if len(known) > 8 else ''})")
-    label = compiler.categories.canonical(args.label) if args.label else None
-    if label is None and args.label and cfg.backend == "rules":
-        compiler.categories.get(args.label)  # raises the unknown-label error that lists the known ones
-    if compiler.backend is compiler.rules:
-        for text in args.instructions:
-            compiler.rules.planner.parse(text)  # an unreadable instruction fails before any work
-    request = CompileRequest(label=label or args.label, instructions=args.instructions, n_frames=n_frames,
-                             start_pose=tuple(float(v) for v in reference.head_pose),
-                             placement=reference.placement, identity=args.identity, seed=cfg.seed)
+    request = make_request(compiler, cfg, args.label, args.instructions, n_frames, reference, args.identity, cfg.seed)
     t_open = time.perf_counter() - t0
+    return compile_to(compiler, request, reference, cfg, args.out, args.audio, [why] if why else [], t_open)
+
+
+def make_request(
+    compiler: Stage1Compiler, cfg: CompileConfig, label: str | None, instructions: tuple[str, ...], n_frames: int,
+    reference: Reference, identity: str | None = None, seed: int = 0,
+) -> CompileRequest:
+    """One compile request from a portrait; an unknown label (rules backend) or an instruction the
+    grammar cannot read fails here, before any work."""
+    canonical = compiler.categories.canonical(label) if label else None
+    if canonical is None and label and cfg.backend == "rules":
+        compiler.categories.get(label)  # raises the unknown-label error that lists the known ones
+    if compiler.backend is compiler.rules:
+        for text in instructions:
+            compiler.rules.planner.parse(text)  # an unreadable instruction fails before any work
+    return CompileRequest(label=canonical or label, instructions=tuple(instructions), n_frames=n_frames,
+                          start_pose=tuple(float(v) for v in reference.head_pose),
+                          placement=reference.placement, identity=identity, seed=seed)
+
+
+def compile_to(
+    compiler: Stage1Compiler, request: CompileRequest, reference: Reference, cfg: CompileConfig, out: str | os.PathLike,
+    audio: str | None = None, warnings: list[str] | None = None, t_open: float = 0.0,
+) -> dict[str, Any]:
+    """Compile one request and write every artefact and ``summary.json`` into ``out``."""
     result = compiler.compile(request)
-    files = write_outputs(args.out, result, reference, cfg, args.audio)
+    files = write_outputs(out, result, reference, cfg, audio)
     summary = {
-        "label": request.label, "instructions": list(args.instructions), "frames": n_frames,
-        "seconds": round(n_frames / CLIP_FPS, 3), "backend": result.backend, "seed": cfg.seed,
+        "label": request.label, "instructions": list(request.instructions), "frames": request.n_frames,
+        "seconds": round(request.n_frames / CLIP_FPS, 3), "backend": result.backend, "seed": request.seed,
         "events": len(result.plan.events) if result.plan else 0, "approved": result.report.approved,
         "critic_rounds": result.report.rounds, "revisions": len(result.report.revisions),
-        "failing_checks": [c.name for c in result.report.failing], "warnings": ([why] if why else []) + result.warnings,
+        "failing_checks": [c.name for c in result.report.failing], "warnings": list(warnings or []) + result.warnings,
         "timings_s": {k: round(v, 4) for k, v in {"open": t_open, **result.timings}.items()},
         "files": files,
     }
-    write_json(Path(args.out) / "summary.json", summary)
+    write_json(Path(out) / "summary.json", summary)
     return summary

@@ -13,7 +13,7 @@ from pipelines.cli import VERBS, load_configs, build_parser, main
 
 from conftest import REPO
 
-CHOICE_KEYS = {"curate": "scene_detector", "extract": "au_backend", "invert": "pose_refine", "index": "search"}
+CHOICE_KEYS = {"curate": "scene_detector", "extract": "au_backend", "invert": "pose_refine", "index": "search", "kto_negatives": "split"}
 CONFIG_VERBS = [name for name, verb in VERBS.items() if verb.sections]
 REQUIRED_ARGS = {"library query": ["--target", "AU45=1"], "compile": ["--out", "/tmp/cogportrait-cli-test"]}
 

@@ -115,8 +115,8 @@ def test_params_yaml_is_the_one_source_of_every_setting():
 def _stage_modules() -> dict[str, str]:
     """DVC stage -> the module its command runs (the verb's pipeline, or the index build)."""
     return {"curate": "pipelines.curate", "extract": "pipelines.extract", "invert": "pipelines.invert",
-            "prototypes": "pipelines.prototypes", "index": "prototype_store.index", "kto_mine": "pipelines.kto",
-            "evaluate_stage1": "pipelines.evaluate_stage1", "train_stage2": "training.recipes.flow_matching"}
+            "prototypes": "pipelines.prototypes", "index": "prototype_store.index", "kto_mine": "pipelines.kto", "kto_negatives": "pipelines.kto_negatives",
+            "evaluate_stage1": "pipelines.evaluate_stage1", "train_stage2": "training.recipes.flow_matching", "train_kto": "training.recipes.kto"}
 
 
 def test_dvc_stage_deps_cover_the_code_each_stage_runs():

@@ -61,8 +61,9 @@ def random_batch(model, frames: int = 9, size: int = 8, b: int = 1, seed: int = 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_shipped_config_loads_and_names_its_launch_command(path):
     cfg = load_stage2_config(path)
-    header = path.read_text().split("\n\n")[0]
-    assert f"cogportrait train --config training/configs/{path.name}" in header
+    header = path.read_text().split("\nmodel:")[0].split("\nbase:")[0]  # the comment block before the first key
+    verb = "train-kto" if path.stem.endswith("-kto") else "train"
+    assert f"cogportrait {verb} --config training/configs/{path.name}" in header
     assert (cfg.data.n_frames - 1) % 4 == 0
 
 

@@ -71,7 +71,7 @@ def test_tiny_model_overfits_two_windows_and_the_pose_path_conditions_the_eyes(e
     model = build_stage2_model(cfg.model)
     encoded = [encode_batch(model, s["reference"][None], s["keypoints"][None], s["audio"][None], [s["prompt"]], s["video"][None])
                for s in samples]
-    batch = Stage2Batch(*(torch.cat([getattr(e, f) for e in encoded]) for f in ("latents", "pose_latents", "text_states", "audio_states")))
+    batch = Stage2Batch.concat(encoded)
     null_text = model.text([cfg.sample.negative_prompt])
     all_kept = dataclasses.replace(cfg.train, drop_pose=0.0, drop_audio=0.0, drop_text=0.0)
 

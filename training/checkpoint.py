@@ -38,6 +38,7 @@ class TrainerState:
     step: int = 0  # optimizer steps done
     position: int = 0  # next data position (samples consumed, over all workers)
     losses: list[float] = field(default_factory=list)  # one per step, the mean over workers
+    extras: dict[str, list[float]] = field(default_factory=dict)  # a recipe's own per-step numbers (rank 0's)
 
 
 def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: TrainerState,
@@ -60,7 +61,7 @@ def save_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
                         scalars[f"state.{index}.{name}"] = value
             save_file(tensors, str(tmp / OPTIMIZER_FILE))
             groups = opt["param_groups"]
-        (tmp / STATE_FILE).write_text(json.dumps({"step": state.step, "position": state.position, "losses": state.losses,
+        (tmp / STATE_FILE).write_text(json.dumps({"step": state.step, "position": state.position, "losses": state.losses, "extras": state.extras,
                                                   "param_groups": groups, "optimizer_scalars": scalars}, indent=1) + "\n")
     if keep:
         for old in list_checkpoints(folder)[:-keep]:
@@ -80,6 +81,22 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
 def latest_checkpoint(folder: str | Path) -> Path | None:
     found = list_checkpoints(folder)
     return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path | None:
+    """A checkpoint as a config or flag names it: "" -> None (the training config's own weights); a
+    checkpoint folder (or a bare model.safetensors) as is; a folder of ``step_*`` checkpoints
+    (``train``'s ``checkpoints/``) -> its latest."""
+    if not str(path):
+        return None
+    p = Path(path)
+    if p.is_file() or (p / MODEL_FILE).is_file():
+        return p.resolve()
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise CheckpointError(f"no Stage 2 checkpoint at {p} (a folder with {MODEL_FILE}, or train's checkpoints/ folder; "
+                              f"\"\" for the training config's own weights)")
+    return latest.resolve()
 
 
 def _require(path: Path) -> Path:
@@ -121,7 +138,8 @@ def read_state(checkpoint: str | Path) -> TrainerState:
 
 
 def _trainer_state(meta: dict[str, Any]) -> TrainerState:
-    return TrainerState(step=int(meta["step"]), position=int(meta["position"]), losses=[float(x) for x in meta["losses"]])
+    return TrainerState(step=int(meta["step"]), position=int(meta["position"]), losses=[float(x) for x in meta["losses"]],
+                        extras={k: [float(x) for x in v] for k, v in meta.get("extras", {}).items()})
 
 
 def backbone_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ what a cache of frozen-encoder outputs would hold per sample.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -29,10 +29,12 @@ class Stage2Batch:
     audio_states: torch.Tensor  # (B, L_audio, d_audio), frozen wav2vec2
 
     def to(self, device: torch.device | str) -> Stage2Batch:
-        return Stage2Batch(*(t.to(device) for t in (self.latents, self.pose_latents, self.text_states, self.audio_states)))
+        return Stage2Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
-    def select(self, index: list[int] | slice) -> Stage2Batch:
-        return Stage2Batch(self.latents[index], self.pose_latents[index], self.text_states[index], self.audio_states[index])
+    @classmethod
+    def concat(cls, parts: list[Stage2Batch]) -> Stage2Batch:
+        """One batch of several (each field concatenated along the batch)."""
+        return cls(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
 
 def pose_video(keypoints: np.ndarray, size: int) -> np.ndarray:

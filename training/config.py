@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from cogportrait.config import ConfigError, _check_choice, _check_range, from_mapping
+from cogportrait.config import KTO_SPLITS, ConfigError, _check_choice, _check_range, from_mapping
 
 MODEL_SOURCES = ("random", "local")  # local: every component from its folder; random: components without a folder get random *_arch weights
 TIMESTEP_SAMPLINGS = ("shifted_uniform", "logit_normal")  # training/flow.py: sample_sigmas
@@ -237,12 +237,33 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class KtoConfig:
+    """KTO refinement (paper Eq. 2, ``training/kto.py``): the preference tables and the loss weights."""
+
+    desirable: str = "data/kto/kto.parquet"  # real boundary-case windows (kto_mine)
+    undesirable: str = "data/kto_negatives/negatives.parquet"  # the generator's poorly controlled videos (kto negatives)
+    reference_checkpoint: str = ""  # the checkpoint the run starts from: the policy's start and the frozen reference
+    split: str = "train"
+    beta: float = 625.0
+    lambda_desirable: float = 1.0
+    lambda_undesirable: float = 1.0
+    flow_weight: float = 1.0  # the flow-matching term on desirable samples (equal weight: paper §4.1)
+
+    def __post_init__(self) -> None:
+        _check_choice("split", self.split, KTO_SPLITS)
+        _check_range("beta", self.beta, 0.0)
+        for name in ("lambda_desirable", "lambda_undesirable", "flow_weight"):
+            _check_range(name, getattr(self, name), 0.0)
+
+
+@dataclass(frozen=True)
 class Stage2Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    kto: KtoConfig = field(default_factory=KtoConfig)
 
     def __post_init__(self) -> None:
         """Options that are each valid but cannot work together."""
@@ -279,7 +300,8 @@ def resolve_paths(cfg: Stage2Config, base: str | Path | None = None) -> Stage2Co
 
     model = replace(cfg.model, **{k: absolute(getattr(cfg.model, k)) for k in MODEL_FOLDERS})
     data = replace(cfg.data, clips=absolute(cfg.data.clips), frames=absolute(cfg.data.frames))
-    return replace(cfg, model=model, data=data, train=replace(cfg.train, out=absolute(cfg.train.out)))
+    kto = replace(cfg.kto, **{k: absolute(getattr(cfg.kto, k)) for k in ("desirable", "undesirable", "reference_checkpoint")})
+    return replace(cfg, model=model, data=data, train=replace(cfg.train, out=absolute(cfg.train.out)), kto=kto)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -298,13 +320,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def load_stage2_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Stage2Config:
     """A ``training/configs/*.yaml`` file as a ``Stage2Config`` (``overrides``: nested dict of keys)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"training config {path} does not exist (shipped: training/configs/*.yaml)")
-    with open(path) as fh:
-        values = yaml.safe_load(fh) or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections")
+    values = _read_config_file(Path(path))
     for key, value in (overrides or {}).items():
         values.setdefault(key, {})
         if isinstance(value, dict) and isinstance(values[key], dict):
@@ -312,6 +328,25 @@ def load_stage2_config(path: str | Path, overrides: dict[str, Any] | None = None
         else:
             values[key] = value
     return from_mapping(Stage2Config, values, "")
+
+
+def _read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping; ``base: other.yaml`` (beside it) is read first and this file's keys
+    override it, so a variant (``tiny-kto.yaml``) states only what differs from its base."""
+    if not path.is_file():
+        raise FileNotFoundError(f"training config {path} does not exist (shipped: training/configs/*.yaml)")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `base` files form a cycle")
+    with open(path) as fh:
+        values = yaml.safe_load(fh) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    merged = _read_config_file(path.parent / str(base), (*seen, path.resolve()))
+    _merge(merged, values)
+    return merged
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:

@@ -206,8 +206,9 @@ def plan_windows(
     return windows
 
 
-def window_positions(windows: list[Window], n_samples: int, seed: int, start: int = 0) -> list[dict[str, Any]]:
-    """The training stream from ``start`` to ``n_samples`` - 1: each a window row plus ``position``.
+def window_positions(windows: list[Window] | list[dict[str, Any]], n_samples: int, seed: int, start: int = 0) -> list[dict[str, Any]]:
+    """The training stream from ``start`` to ``n_samples`` - 1: each a window row (or any row with a
+    ``sample_id``, e.g. a KTO sample) plus ``position``.
 
     Position p lies in epoch p // len(windows); an epoch visits every window once, in the order of
     make_id("epoch", seed, epoch, sample_id) (the repo's hash-sort shuffle, as in the KTO split):
@@ -222,7 +223,7 @@ def window_positions(windows: list[Window], n_samples: int, seed: int, start: in
     if not windows:
         raise ValueError("no windows to draw samples from")
     n = len(windows)
-    rows = [w.to_row() for w in windows]
+    rows = [w.to_row() if isinstance(w, Window) else dict(w) for w in windows]
     out: list[dict[str, Any]] = []
     for epoch in range(start // n, (n_samples - 1) // n + 1):
         order = sorted(range(n), key=lambda i: (make_id("epoch", seed, epoch, rows[i]["sample_id"]), i))
@@ -343,4 +344,74 @@ class SampleLoader:
             "clip_id": window.clip_id,
             "start_frame": window.start_frame,
             "reference_frame": window.reference_frame,
+        }
+
+
+# ------------------------------------------------------------------------------------------------
+# KTO samples (issue 10): desirable real windows (kto_mine) and undesirable generated ones (kto negatives)
+# ------------------------------------------------------------------------------------------------
+KTO_ROW_COLUMNS = ("sample_id", "category", "desirable", "split", "clip_id", "start_frame", "end_frame", "reference_frame",
+                   "audio_path", "audio_start_s", "keypoints", "prompt", "video_path")
+
+
+def kto_rows(tables: list[str | Path], split: str, n_frames: int) -> list[dict[str, Any]]:
+    """The rows of the KTO tables (``KTO_SCHEMA`` columns: the desirable table and the undesirable one
+    share them) of ``split`` ("all" for every row) whose window holds ``n_frames`` frames, sorted by id.
+
+    Paths are as the tables store them (relative to the working directory, as ``kto_mine`` writes
+    them), made absolute here so a row loads on any worker. Keypoints travel as a flat list.
+    """
+    check_n_frames(n_frames)
+    rows: list[dict[str, Any]] = []
+    for table in tables:
+        for row in pq.read_table(table, columns=list(KTO_ROW_COLUMNS)).to_pylist():
+            if split != "all" and row["split"] != split:
+                continue
+            if len(row["keypoints"]) < n_frames:
+                continue
+            for key in ("audio_path", "video_path"):
+                row[key] = str(Path(row[key]).resolve()) if row[key] else ""
+            row["keypoints"] = np.asarray(row["keypoints"][:n_frames], dtype=np.float32).reshape(-1).tolist()
+            rows.append(row)
+    return sorted(rows, key=lambda r: r["sample_id"])
+
+
+class KtoSampleLoader:
+    """A KTO row -> the arrays of one sample (as ``SampleLoader``'s, plus ``desirable``): the first
+    ``n_frames`` frames of its video (the real clip's window, or the generated video, whose frame i
+    is window frame i), the reference frame from the real clip, the row's keypoints, audio and prompt."""
+
+    def __init__(self, clips_parquet: str | Path, resolution: int, n_frames: int) -> None:
+        check_n_frames(n_frames)
+        self.clips = {k: v["clip_path"] for k, v in read_clip_meta(clips_parquet).items()}
+        self.resolution = int(resolution)
+        self.n_frames = int(n_frames)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        f = self.n_frames
+        if row["clip_id"] not in self.clips:
+            raise ValueError(f"KTO sample {row['sample_id']}: clip {row['clip_id']} is not in the clips table")
+        clip = self.clips[row["clip_id"]]
+        desirable = bool(row["desirable"])
+        first = int(row["start_frame"]) if desirable else 0  # a generated video starts at the window's first frame
+        info = probe_video(row["video_path"])
+        decoded = dict(iter_frames(row["video_path"], info, start_frame=first, end_frame=first + f))
+        if len(decoded) != f:
+            raise VideoError("decode_error", f"{Path(row['video_path']).name}: {len(decoded)} of {f} frames from {first}")
+        reference = read_frames_at(clip, probe_video(clip), [int(row["reference_frame"])])
+        if int(row["reference_frame"]) not in reference:
+            raise VideoError("decode_error", f"{Path(clip).name}: no frame {row['reference_frame']}")
+        audio = np.zeros(int(round(f * AUDIO_SAMPLE_RATE / CLIP_FPS)), dtype=np.float32)
+        if row["audio_path"]:
+            samples, _, _ = read_wav(row["audio_path"])
+            audio = audio_span(samples, int(round(float(row["audio_start_s"]) * CLIP_FPS)), f)
+        return {
+            "position": int(row["position"]),
+            "sample_id": row["sample_id"],
+            "desirable": desirable,
+            "video": np.stack([resize_square(decoded[i], self.resolution) for i in sorted(decoded)]),
+            "reference": resize_square(reference[int(row["reference_frame"])], self.resolution),
+            "keypoints": np.asarray(row["keypoints"], dtype=np.float32).reshape(f, N_KEYPOINTS, 2),
+            "audio": audio,
+            "prompt": row["prompt"] or DEFAULT_PROMPT_LABEL,
         }

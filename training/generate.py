@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -31,6 +31,9 @@ from training.config import Stage2Config
 from training.guidance import eye_gaussian_map
 from training.model import build_stage2_model
 from training.sampler import sample_latents
+
+if TYPE_CHECKING:
+    from cogportrait.face.reference import Reference
 
 log = logging.getLogger("cogportrait")
 NEUTRAL_KEYPOINTS_FILE = "neutral_keypoints.parquet"  # written by ``cogportrait compile`` beside keypoints.parquet
@@ -128,8 +131,18 @@ def aligned_keypoints(keypoints: np.ndarray, keypoints_path: Path, reference_key
     return align_to_reference(keypoints, neutral, reference_keypoints).astype(np.float32), how
 
 
-def sample(cfg: Stage2Config, args: SampleArgs, generator: Stage2Generator | None = None) -> dict[str, Any]:
-    """The ``cogportrait sample`` command: inputs -> ``<out>/video.mp4`` + ``<out>/sample.json``."""
+def default_prompt(cfg: Stage2Config, label: str | None = None) -> str:
+    """The prompt when none is given: the training template with the label (if any), as in training."""
+    return cfg.data.prompt_template.format(label=label or "", identity="").strip(" ,")
+
+
+def sample(cfg: Stage2Config, args: SampleArgs, generator: Stage2Generator | None = None,
+           reference: Reference | None = None) -> dict[str, Any]:
+    """The ``cogportrait sample`` command: inputs -> ``<out>/video.mp4`` + ``<out>/sample.json``.
+
+    ``reference``: ``args.reference`` already read and measured (a batch job that read it for Stage 1
+    passes it, e.g. as the face crop), instead of reading the whole image here."""
+    from cogportrait.config import CurateConfig
     from cogportrait.face.reference import read_reference
 
     t0 = time.perf_counter()
@@ -143,12 +156,12 @@ def sample(cfg: Stage2Config, args: SampleArgs, generator: Stage2Generator | Non
             raise SampleInputError(f"cannot read audio {args.audio}: {err}") from None
         n = int(round(len(audio) / AUDIO_SAMPLE_RATE * CLIP_FPS))  # frames = audio length x 25
         keypoints = np.pad(keypoints[:n], ((0, max(n - len(keypoints), 0)), (0, 0), (0, 0)), mode="edge")  # the last pose held
-    reference = read_reference(args.reference)
+    reference = reference or read_reference(args.reference, crop_scale=CurateConfig.crop_scale)  # curate's face crop, as in training
     keypoints, alignment = aligned_keypoints(keypoints, keypoints_path, reference.keypoints)
     generator = generator or Stage2Generator(cfg, args.checkpoint)
     size = generator.resolution
     portrait = resize_square(reference.image, size)
-    prompt = args.prompt if args.prompt is not None else cfg.data.prompt_template.format(label="", identity="").strip(" ,")
+    prompt = args.prompt if args.prompt is not None else default_prompt(cfg)
     t1 = time.perf_counter()
     frames = generator(portrait, keypoints, audio, prompt, args.seed, progress=True)
     t_gen = time.perf_counter() - t1
