@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import wave
 from collections.abc import Callable
 from pathlib import Path
 
@@ -131,3 +132,12 @@ def rotated_variant(src: Path, dst: Path, degrees: int = 90) -> Path:
         for packet in stream.encode():
             container.mux(packet)
     return dst
+
+
+def cut_wav(src: Path, dst: Path, seconds: float) -> None:
+    """The first ``seconds`` of a WAV file, same format."""
+    with wave.open(str(src)) as r:
+        params, data = r.getparams(), r.readframes(int(seconds * r.getframerate()))
+    with wave.open(str(dst), "wb") as w:
+        w.setparams(params)
+        w.writeframes(data)

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 import av
@@ -36,6 +35,7 @@ from training.config import load_stage2_config
 from training.data import resize_square
 from training.model import build_stage2_model
 
+from media import cut_wav
 from conftest import REPO, SAMPLE
 
 PORTRAIT = SAMPLE / "images" / "pyfeat_single_face.jpg"
@@ -50,14 +50,6 @@ BAD = {
     "no-face": "no_face", "not-an-image": "unreadable_image", "broken-audio": "unreadable_audio",
     "unknown-label": "unknown_label", "bad-instruction": "unreadable_instruction",
 }
-
-
-def _cut_wav(src: Path, dst: Path, seconds: float) -> None:
-    with wave.open(str(src)) as r:
-        params, data = r.getparams(), r.readframes(int(seconds * r.getframerate()))
-    with wave.open(str(dst), "wb") as w:
-        w.setparams(params)
-        w.writeframes(data)
 
 
 def _request(rid: str, reference: str = "portrait.jpg", **kw) -> dict:
@@ -96,7 +88,7 @@ def _rows() -> list[dict]:
 def requests_table(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("requests")
     shutil.copy(PORTRAIT, folder / "portrait.jpg")
-    _cut_wav(AUDIO, folder / "speech.wav", 1.2)
+    cut_wav(AUDIO, folder / "speech.wav", 1.2)
     from PIL import Image
 
     Image.fromarray(np.full((256, 256, 3), 128, np.uint8)).save(folder / "blank.png")

@@ -4,7 +4,6 @@ deterministic per seed, the weights' hash in the metadata, user errors in one li
 from __future__ import annotations
 
 import json
-import wave
 from pathlib import Path
 
 import av
@@ -17,6 +16,7 @@ from training.checkpoint import TrainerState, save_checkpoint, weights_hash
 from training.config import load_stage2_config
 from training.model import build_stage2_model
 
+from media import cut_wav
 from conftest import REPO, SAMPLE
 
 PORTRAIT = SAMPLE / "images" / "pyfeat_single_face.jpg"
@@ -43,14 +43,6 @@ def _frames(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
 
 
-def _cut_wav(src: Path, dst: Path, seconds: float) -> None:
-    with wave.open(str(src)) as r:
-        params, data = r.getparams(), r.readframes(int(seconds * r.getframerate()))
-    with wave.open(str(dst), "wb") as w:
-        w.setparams(params)
-        w.writeframes(data)
-
-
 def test_same_seed_same_video_other_seed_another(compiled, tmp_path, capsys):
     a = _sample(compiled, tmp_path / "a")
     b = _sample(compiled, tmp_path / "b")
@@ -71,7 +63,7 @@ def test_checkpoint_and_audio(compiled, tmp_path, capsys):
     torch.nn.init.normal_(model.dit.pose_adapter.embed.weight, std=0.02)  # weights unlike the random default
     checkpoint = save_checkpoint(tmp_path / "ckpt", model.dit, None, TrainerState(step=1))
     audio = tmp_path / "speech.wav"
-    _cut_wav(AUDIO, audio, 1.2)
+    cut_wav(AUDIO, audio, 1.2)
     meta = _sample(compiled, tmp_path / "out", "--checkpoint", str(checkpoint), "--audio", str(audio), "--prompt", "a tired person")
     capsys.readouterr()
     assert meta["weights"] == {"checkpoint": str(checkpoint), "sha256": weights_hash(checkpoint)}
