@@ -86,6 +86,14 @@ def _stage2_set() -> Option:
                   kwargs={"action": "append", "default": [], "metavar": "KEY=VALUE", "dest": "stage2_set"})
 
 
+def _training_options(config_help: str) -> tuple[Option, ...]:
+    """The options of the training verbs (``train``, ``train-kto``)."""
+    return (Option(("--config",), config_help, kwargs={"required": True}),
+            _stage2_set(),
+            Option(("--fresh",), "delete the output folder's checkpoints and loss log first", kwargs={"action": "store_true"}),
+            Option(("--workers",), "Ray Train workers (overrides train.num_workers)", kwargs={"type": int}))
+
+
 # ------------------------------------------------------------------------------------------------
 # verbs
 # ------------------------------------------------------------------------------------------------
@@ -466,18 +474,12 @@ VERBS: dict[str, Verb] = {
     "train": Verb(
         "Stage 2: fine-tune PortraitDiT with flow matching on Ray Train (resumes from the latest checkpoint)",
         run_train, (),
-        (Option(("--config",), "training config (training/configs/*.yaml)", kwargs={"required": True}),
-         _stage2_set(),
-         Option(("--fresh",), "delete the output folder's checkpoints and loss log first", kwargs={"action": "store_true"}),
-         Option(("--workers",), "Ray Train workers (overrides train.num_workers)", kwargs={"type": int})),
+        _training_options("training config (training/configs/*.yaml)"),
     ),
     "train-kto": Verb(
         "Stage 2: KTO refinement on boundary cases (desirable real windows vs the generator's poor ones) on Ray Train",
         run_train_kto, (),
-        (Option(("--config",), "KTO training config (training/configs/*-kto.yaml)", kwargs={"required": True}),
-         _stage2_set(),
-         Option(("--fresh",), "delete the output folder's checkpoints and loss log first", kwargs={"action": "store_true"}),
-         Option(("--workers",), "Ray Train workers (overrides train.num_workers)", kwargs={"type": int})),
+        _training_options("KTO training config (training/configs/*-kto.yaml)"),
     ),
     "sample": Verb(
         "Stage 2: reference portrait + Stage 1 keypoints (+ audio, prompt) -> mp4 with dynamic eye-region CFG",
