@@ -6,6 +6,10 @@ with 1 and 2 Ray workers. Each configuration runs in a fresh Ray instance.
 
     python bench/curate.py                      # sample set and 10x copy, 1 and 2 workers
     python bench/curate.py --replicas 3 --workers 2
+    python bench/curate.py --long-seconds 300   # also one long video: memory flat in length?
+
+Per run it also reports the CPU seconds of every Ray process role (workers, driver, raylet, ...),
+which says how much of a core the job's own steps get.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+from fractions import Fraction
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +50,36 @@ def replicate_manifest(src_manifest: Path, dst_root: Path, replicas: int) -> Pat
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(out_rows)
+    return manifest
+
+
+def long_video_manifest(src_manifest: Path, dst_root: Path, seconds: float) -> Path:
+    """A manifest of one video: a sample clip played back to back until ``seconds`` long
+    (re-encoded, so the file is one stream; each loop seam is a cut, so it has many shots)."""
+    import av
+
+    src = src_manifest.parent / "videos" / "lp_d10_woman_browraise_wink_audio.mp4"
+    dst = dst_root / "videos" / "long.mp4"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(dst), "w") as out:
+        stream = out.add_stream("libx264", rate=30)
+        stream.width = stream.height = 512
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "20"}
+        n = 0
+        while n < seconds * 30:
+            with av.open(str(src)) as inp:
+                for frame in inp.decode(video=0):
+                    frame = frame.reformat(format="yuv420p")
+                    frame.pts, frame.time_base = n, Fraction(1, 30)
+                    for packet in stream.encode(frame):
+                        out.mux(packet)
+                    n += 1
+        for packet in stream.encode():
+            out.mux(packet)
+    manifest = dst_root / "manifest.csv"
+    manifest.write_text("video_id,path,source,license,label,identity,mirrored\n"
+                        "long,videos/long.mp4,looped sample clip,MIT,talking,lp_woman_d10,false\n")
     return manifest
 
 
@@ -90,6 +125,7 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=10, help="size of the replicated set")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--skip-sample", action="store_true", help="only the replicated set")
+    parser.add_argument("--long-seconds", type=float, default=0, help="also one looped video this long (memory vs length)")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_curate_") as tmp:
@@ -97,6 +133,8 @@ def main() -> None:
         sets = [] if args.skip_sample else [("sample", Path(args.manifest))]
         if args.replicas > 1:
             sets.append((f"sample_x{args.replicas}", replicate_manifest(Path(args.manifest), tmp_path / "replicated", args.replicas)))
+        if args.long_seconds > 0:
+            sets.append((f"long_{args.long_seconds:g}s", long_video_manifest(Path(args.manifest), tmp_path / "long", args.long_seconds)))
         for name, manifest in sets:
             for workers in args.workers:
                 out = tmp_path / f"out_{name}_{workers}"

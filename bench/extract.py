@@ -73,6 +73,7 @@ def bench_core(clips: Path, work: Path) -> dict:
     from cogportrait.face.au_backends import make_backend
     from cogportrait.face.fitting import invert_signals
     from cogportrait.face.signals import prepare_frames
+    from pipelines.invert import FRAME_COLUMNS
     from cogportrait.face.model import LinearFaceModel, load_baselines
     from cogportrait.schema import identity_key
 
@@ -92,12 +93,12 @@ def bench_core(clips: Path, work: Path) -> dict:
     baselines = load_baselines(inv / "face_model" / "baselines.npz")
     kept = pq.read_table(ext / "clips.parquet").select(["clip_id", "identity"]).to_pylist()
     ident = {r["clip_id"]: identity_key(r["identity"], r["clip_id"]) for r in kept}
-    all_frames = read_frames(ext, ["clip_id", "frame", "face_present", "landmarks", "transform", "au", "gaze", "head_pose", "width", "height"])
+    all_frames = read_frames(ext, FRAME_COLUMNS)
     sigs = []
     t_prep = time.perf_counter()
     for cid in ident:
         part = all_frames.filter(pc.equal(all_frames.column("clip_id"), cid))
-        sigs.append(prepare_frames(part, ident[cid], False, cfg.pose_refine))
+        sigs.append(prepare_frames(part, ident[cid], False, cfg.pose_refine, cfg.smooth_frames))
     prep_s = time.perf_counter() - t_prep
     n = sum(len(s.frame) for s in sigs)
     t = time.perf_counter()

@@ -150,6 +150,17 @@ REJECT_REASONS: dict[str, str] = {
 }
 REJECT_REASON_NAMES: tuple[str, ...] = tuple(REJECT_REASONS)
 
+# What the curate text filter saw in the top and bottom bands of a span (``text_kind``), least
+# to most intrusive; only the last two are rejected (``text_overlay``).
+TEXT_KINDS: dict[str, str] = {
+    "none": "no text line in the bands outside the face",
+    "static": "text at a fixed place, the same in every sample: a logo, a static name plate, still scene text",
+    "scene": "text that moves with the picture, or comes and goes in too few samples to be a caption",
+    "caption": "text lines replaced in place between samples (subtitles), in enough samples",
+    "ticker": "a caption line spanning most of the width: scrolling text",
+}
+TEXT_KIND_NAMES: tuple[str, ...] = tuple(TEXT_KINDS)
+
 
 class TableError(ValueError):
     """An input table a stage cannot use as given (missing columns, duplicate keys, no rows): the
@@ -215,9 +226,11 @@ CURATE_ROW_SCHEMA = pa.schema(
         ("text_frames", pa.list_(_I64)), ("text_jpegs", pa.list_(pa.binary())),
         ("face_size_px", _F64), ("face_score", _F64), ("face_coverage", _F64),
         ("sharpness", _F64), ("brightness", _F64), ("motion_score", _F64), ("head_speed", _F64), ("text_score", _F64),
+        ("text_kind", _STR),
         ("clip_id", _STR), ("clip_path", _STR), ("audio_path", _STR), ("has_audio", _BOOL), ("n_frames", _I64),
         ("crop_box", pa.list_(pa.float32())), ("crop_track", pa.list_(pa.list_(pa.float32(), 3))),
         ("reject_stage", _STR), ("reject_reason", _STR), ("reject_detail", _STR),
+        ("video_rows", _I64),
         *((name, _F64) for name in CURATE_STEP_TIMERS),
     ]
 )
@@ -264,7 +277,8 @@ CLIPS_SCHEMA = pa.schema(
         pa.field("face_size_px", pa.float32()),
         pa.field("face_score", pa.float32()),
         pa.field("face_coverage", pa.float32()),  # share of sampled frames with the face found
-        pa.field("text_score", pa.float32()),
+        pa.field("text_score", pa.float32()),  # share of the frame covered by text lines in the bands
+        pa.field("text_kind", pa.string()),  # TEXT_KINDS
         pa.field("sharpness", pa.float32()),
         pa.field("brightness", pa.float32()),
         pa.field("motion_score", pa.float32()),

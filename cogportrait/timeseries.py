@@ -1,4 +1,4 @@
-"""Per-frame time-series helpers shared by every stage: one gap filler, one moving average.
+"""Per-frame time-series helpers shared by every stage: one gap filler, one moving average, one running median.
 
 Signals are frame-aligned arrays (T, ...) with gaps where no face was found; filling and smoothing
 them the same way everywhere keeps events, prototypes and KTO windows consistent.
@@ -43,3 +43,26 @@ def moving_average(x: np.ndarray, n: int) -> np.ndarray:
         return x.copy()
     pad = np.pad(x, (n // 2, n - 1 - n // 2), mode="edge")
     return np.convolve(pad, np.ones(n) / n, mode="valid")
+
+
+def running_median(values: np.ndarray, n: int, valid: np.ndarray | None = None) -> np.ndarray:
+    """Centred running median over ``n`` (odd) frames along axis 0, within each run of valid frames.
+
+    Removes frame-to-frame landmark and blendshape jitter while keeping steps and short events: a
+    median keeps any excursion longer than n // 2 frames at full height (a 3-frame median keeps a
+    2-frame blink), where a mean would flatten it. Runs are filtered separately (edges padded
+    with the edge value), so nothing leaks across a face-lost gap; invalid frames are returned
+    unchanged. ``valid`` defaults to frames whose values are all finite.
+    """
+    x = np.array(values, dtype=np.float64, copy=True)
+    if n % 2 == 0:
+        raise ValueError(f"running_median needs an odd window, got {n}")
+    if n <= 1 or len(x) == 0:
+        return x
+    ok = np.all(np.isfinite(x.reshape(len(x), -1)), axis=1) if valid is None else np.asarray(valid, dtype=bool)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], ok.astype(np.int8), [0]])))
+    h = n // 2
+    for a, b in zip(edges[::2], edges[1::2]):
+        pad = np.concatenate([np.repeat(x[a : a + 1], h, axis=0), x[a:b], np.repeat(x[b - 1 : b], h, axis=0)])
+        x[a:b] = np.median(np.lib.stride_tricks.sliding_window_view(pad, n, axis=0), axis=-1)
+    return x

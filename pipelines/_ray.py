@@ -25,4 +25,6 @@ def start_ray(num_cpus: int, max_block_bytes: int, preserve_order: bool = False)
     ctx = DataContext.get_current()
     ctx.target_max_block_size = max_block_bytes
     ctx.execution_options.preserve_order = preserve_order
+    # one progress bar per job (the executor's), not one per operator: readable in `dvc repro` logs
+    ctx.enable_operator_progress_bars = False
 

@@ -100,7 +100,7 @@ def _training_options(config_help: str) -> tuple[Option, ...]:
 def run_curate(cfg: Configs, args: argparse.Namespace) -> dict:
     from pipelines.curate import run
 
-    return run(cfg["curate"])
+    return run(cfg["curate"], fresh=args.fresh)
 
 
 def run_extract(cfg: Configs, args: argparse.Namespace) -> dict:
@@ -211,6 +211,12 @@ def run_face_convert_flame(cfg: Configs, args: argparse.Namespace) -> dict:
     from cogportrait.face.flame import convert_flame
 
     return convert_flame(args.model, args.embedding, args.out, n_shape=args.n_shape)
+
+
+def run_face_fit_generic(cfg: Configs, args: argparse.Namespace) -> dict:
+    from pipelines.invert import fit_generic
+
+    return fit_generic(cfg["invert"], args.frames, args.out)
 
 
 def load_training_config(args: argparse.Namespace, extra: dict[str, Any] | None = None):
@@ -376,7 +382,8 @@ VERBS: dict[str, Verb] = {
     "curate": Verb(
         "raw videos -> clean 512² 25 fps face clips (Ray Data job)", run_curate, ("curate",),
         (_set("curate", "manifest", "--manifest", "manifest.csv (its folder is the dataset root)"),
-         _set("curate", "out", "--out", "output folder"), _workers("curate")),
+         _set("curate", "out", "--out", "output folder"), _workers("curate"),
+         Option(("--fresh",), "ignore the journal of finished videos (by default a rerun resumes)", kwargs={"action": "store_true"})),
     ),
     "extract": Verb(
         "clips -> per-frame landmarks, blendshapes, pose, keypoints (Ray Data job)", run_extract, ("extract",),
@@ -446,6 +453,16 @@ VERBS: dict[str, Verb] = {
          Option(("embedding",), "mediapipe_landmark_embedding.npz (lmk_face_idx, lmk_b_coords, landmark_indices)"),
          Option(("out",), "output .npz read by the flame face-model backend"),
          Option(("--n-shape",), "shape components before the expression ones (FLAME 2020: 300)", kwargs={"type": int, "default": 300})),
+    ),
+    "face fit-generic": Verb(
+        "fit the generic face model (every dataset's prior: per-identity statistics, basis, average rest baseline) "
+        "on one or more extract folders (Ray Data job; the invert section's ridge, rest and symmetric settings)",
+        run_face_fit_generic, ("invert",),
+        (Option(("--frames",), "an extract output folder (frames.parquet, clips.parquet); repeat to pool datasets",
+                kwargs={"action": "append", "required": True}),
+         Option(("--out",), "output folder, e.g. cogportrait/face/generic (the shipped one; replaced atomically)",
+                kwargs={"required": True}),
+         _workers("invert")),
     ),
     "compile": Verb(
         "Stage 1: a label and/or instructions -> plan, 17 controls and 62 eye-region keypoints per frame",

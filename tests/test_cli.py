@@ -15,7 +15,8 @@ from conftest import REPO
 
 CHOICE_KEYS = {"curate": "scene_detector", "extract": "au_backend", "invert": "pose_refine", "index": "search", "kto_negatives": "split"}
 CONFIG_VERBS = [name for name, verb in VERBS.items() if verb.sections]
-REQUIRED_ARGS = {"library query": ["--target", "AU45=1"], "compile": ["--out", "/tmp/cogportrait-cli-test"]}
+REQUIRED_ARGS = {"library query": ["--target", "AU45=1"], "compile": ["--out", "/tmp/cogportrait-cli-test"],
+                 "face fit-generic": ["--frames", "/tmp/cogportrait-cli-test", "--out", "/tmp/cogportrait-cli-test"]}
 
 
 def _argv(verb: str) -> list[str]:

@@ -237,7 +237,10 @@ def test_metrics_count_every_reject_reason(curate_run):
     assert sum(by_reason.values()) == metrics["rejects"] == curate_run["rejects"].height
     assert metrics["clips"] == curate_run["clips"].height
     assert by_reason["quality/blurry"] == 1 and by_reason["manifest/duplicate_id"] == 1
-    assert metrics["video_seconds_per_wall_second"] > 0
+    assert curate_run["metrics"]["video_seconds_per_wall_second"] > 0
+    # metrics.json is the rerun's: every usable manifest row (rejected videos included) came from the journal
+    usable = metrics["manifest_rows"] - sum(n for k, n in by_reason.items() if k.startswith("manifest/"))
+    assert metrics["videos_resumed"] == usable and metrics["video_seconds_per_wall_second"] == 0
 
 
 def test_rerun_is_idempotent(curate_run):

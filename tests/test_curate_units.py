@@ -7,9 +7,10 @@ import pytest
 
 from cogportrait.config import ConfigError, CurateConfig
 from cogportrait.curate.crop import crop_track
-from cogportrait.curate.filters import TextFrame, quality_decision, text_area, text_decision
+from cogportrait.curate.filters import TextSample, line_boxes, pair_verdict, quality_decision, text_decision
 from cogportrait.curate.manifest import ManifestError, read_manifest
 from cogportrait.curate.spans import Span, apply_duration_limits, segment_face_runs
+from cogportrait.curate.text import band_layout, stack_bands
 from cogportrait.curate.tracking import classify_detections
 from cogportrait.schema import clip_id_for
 
@@ -88,17 +89,106 @@ def test_crop_track_is_square_smooth_and_inside_the_frame():
     assert (big[:, 2] <= 384 + 1e-3).all()  # shrunk to fit the frame
 
 
-def test_text_rule_ignores_small_boxes_and_the_face():
-    sub = np.array([[[100, 900], [900, 900], [900, 960], [100, 960]]], float)
-    in_face = np.array([[[400, 400], [600, 400], [600, 450], [400, 450]]], float)
-    speck = np.array([[[10, 10], [30, 10], [30, 15], [10, 15]]], float)
-    face = (300.0, 300.0, 700.0, 700.0)
-    assert text_area(sub, 1000, 1000, face, 0.02).area_fraction == pytest.approx(0.048)
-    assert text_area(in_face, 1000, 1000, face, 0.02).n_boxes == 0
-    assert text_area(speck, 1000, 1000, face, 0.02).n_boxes == 0
-    cfg = CurateConfig()
-    assert text_decision([TextFrame(0.05, 1)] * 2 + [TextFrame(0.0, 0)], cfg)[:2] == (False, "text_overlay")
-    assert text_decision([TextFrame(0.05, 1)] + [TextFrame(0.0, 0)] * 2, cfg)[0]
+def test_band_stack_holds_both_bands_at_the_detection_scale():
+    lay = band_layout(640, 360, 576, 0.2, 0.3)  # 16:9: the frame is scaled to 576 rows
+    assert (lay.det_w, lay.det_h, lay.top_rows, lay.bottom_rows) == (1024, 576, 115, 173)
+    assert lay.stack_w % 32 == 0 and lay.stack_h % 32 == 0 and lay.stack_h < lay.det_h  # ~half a frame
+    frame = np.zeros((360, 640, 3), np.uint8)
+    frame[:, :, 0] = np.arange(360)[:, None] * 255 // 359  # red = row
+    stack = stack_bands(frame, lay)
+    assert stack[0, 0, 0] == 0 and abs(int(stack[lay.top_rows - 1, 0, 0]) - 0.2 * 255) < 3
+    first_bottom = lay.bottom_offset
+    assert abs(int(stack[first_bottom, 0, 0]) - 0.7 * 255) < 3 and abs(int(stack[first_bottom + lay.bottom_rows - 1, 0, 0]) - 255) < 3
+    # a source box in the bottom band maps to stack rows and back to shares of the frame height
+    x0, y0, x1, y1 = lay.stack_box((64, 324, 320, 342), "bottom")
+    assert (x0, x1) == (102.4, 512.0) and lay.frame_y(y0, "bottom") == pytest.approx(0.9) and lay.frame_y(y1, "bottom") == pytest.approx(0.95)
+    assert lay.stack_box((0, 100, 10, 200), "bottom") is None and lay.band_of(y0) == "bottom" and lay.band_of(10) == "top"
+
+
+def _poly(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], float)
+
+
+def test_text_lines_are_joined_line_shaped_and_off_the_face():
+    cfg, lay = CurateConfig(), band_layout(512, 512, 576, 0.2, 0.3)
+    b = lay.bottom_offset  # bottom band rows start here; it shows frame rows 403..576 at scale 576/512
+    polys = np.stack([
+        _poly(100, b + 120, 200, b + 140), _poly(210, b + 121, 330, b + 141),  # two words of one line: joined
+        _poly(0, b, 576, b + 170),  # the detector's whole-band box on a frame without text: too tall
+        _poly(20, 30, 60, 50),  # 2:1, not line-shaped
+        _poly(200, b + 20, 400, b + 40),  # on the face above the chin (mouth): ignored
+    ])
+    face = (150.0, 150.0, 400.0, 520.0)  # source px; chin = bottom 15 %: frame rows > 464.5
+    lines, bands = line_boxes(polys, lay, face, cfg)
+    assert lines.tolist() == [[100, b + 120, 330, b + 141]] and bands == ("bottom",)
+    no_face, _ = line_boxes(polys, lay, None, cfg)
+    assert len(no_face) == 2  # the mouth-level line counts without a face box
+
+
+def _stack_with(texts: list[tuple[str, int, int]], seed: int = 0) -> np.ndarray:
+    """A grey band stack (576 x 320, the layout of a 512² frame) of textured background with
+    white text lines (text, x, baseline y)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    grey = cv2.GaussianBlur(rng.integers(60, 140, (320, 576)).astype(np.uint8), (0, 0), 3)
+    for text, x, y in texts:
+        cv2.putText(grey, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, 0.6, 255, 2)
+    return grey
+
+
+def _sample(frame: int, texts: list[tuple[str, int, int]], seed: int, face=None) -> TextSample:
+    """A TextSample whose line boxes are the drawn texts' own boxes (the detector's job done)."""
+    import cv2
+
+    lay = band_layout(512, 512, 576, 0.2, 0.3)
+    boxes = []
+    for text, x, y in texts:
+        (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.6, 2)
+        boxes.append([x - 4, y - h - 4, x + w + 4, y + base + 4])
+    return TextSample(frame, _stack_with(texts, seed), np.array(boxes, float).reshape(-1, 4),
+                      tuple(lay.band_of((b[1] + b[3]) / 2) for b in boxes), face)
+
+
+def test_pair_verdicts_tell_replaced_moved_and_hidden_text_apart():
+    cfg, lay = CurateConfig(), band_layout(512, 512, 576, 0.2, 0.3)
+    y = lay.bottom_offset + 140  # a bottom-band line
+    a = _sample(0, [("check the subtitles", 150, y)], seed=0)
+    assert pair_verdict(a, 0, _sample(1, [("check the subtitles", 152, y + 2)], seed=1), lay, cfg) == "same"  # shake
+    assert pair_verdict(a, 0, _sample(1, [("check the subtitles", 190, y - 20)], seed=1), lay, cfg) == "moved"
+    assert pair_verdict(a, 0, _sample(1, [("before any training", 150, y)], seed=1), lay, cfg) == "changed"
+    gone = _sample(1, [], seed=1)
+    assert pair_verdict(a, 0, gone, lay, cfg) == "changed"  # nothing there any more, no one in front
+    hidden = _sample(1, [], seed=1, face=(300.0, 100.0, 420.0, 350.0))  # the speaker (face box widened) covers it
+    assert pair_verdict(a, 0, hidden, lay, cfg) == "hidden"
+    # half of the line still shows (the rest hidden): the same text
+    part = _sample(1, [("check the subtitles", 150, y)], seed=1)
+    part.grey[:, 260:] = _stack_with([], seed=1)[:, 260:]
+    part.lines[0, 2] = 262
+    assert pair_verdict(a, 0, part, lay, cfg) == "same"
+
+
+def test_text_decision_names_the_most_intrusive_kind():
+    cfg, lay = CurateConfig(), band_layout(512, 512, 576, 0.2, 0.3)
+    y, top = lay.bottom_offset + 140, 60
+    lines = ["and that is why", "we always check", "the subtitles", "before training"]
+    captions = [_sample(10 * k, [(t, 180, y), ("CP24", 480, top)], seed=k) for k, t in enumerate(lines)]
+    keep, reason, score, kind, detail = text_decision(captions, lay, cfg)
+    assert (keep, reason, kind) == (False, "text_overlay", "caption") and score > 0
+    assert detail.startswith("caption in the bottom band at ") and "4/4 samples (frames 0, 10, 20, 30)" in detail
+    logo_only = [_sample(10 * k, [("CP24", 480, top)], seed=k) for k in range(4)]
+    assert text_decision(logo_only, lay, cfg)[:2] + text_decision(logo_only, lay, cfg)[3:4] == (True, "", "static")
+    once = [_sample(0, [("and that is why", 180, y)], seed=0)] + [_sample(10 * k, [], seed=k) for k in range(1, 4)]
+    assert text_decision(once, lay, cfg)[3] == "scene"  # comes and goes in 1 of 4 samples: not a caption
+    twice = once[:1] + [_sample(10, [("we always check", 180, y)], seed=1)] + once[2:]
+    assert text_decision(twice, lay, cfg)[3] == "caption"  # in half of the samples: text_min_frames_ratio
+    news = "+++ MARKETS CLOSE HIGHER +++ STORM WARNING +++"
+    ticker = [_sample(10 * k, [(news[k * 3:] + news[: k * 3], 2, y)], seed=k) for k in range(4)]
+    for s in ticker:
+        s.lines[0, 0], s.lines[0, 2] = 0, lay.det_w - 10  # the scrolling text runs (almost) edge to edge
+    assert text_decision(ticker, lay, cfg)[3] == "ticker"
+    assert text_decision([], None, cfg) == (True, "", 0.0, "none", "")
+    assert text_decision([_sample(0, [], seed=0)] * 2, lay, cfg)[3] == "none"
 
 
 def test_dark_faces_are_underexposed_not_blurry():

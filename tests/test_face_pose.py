@@ -15,13 +15,15 @@ import pytest
 
 from cogportrait.face.extract import list_column, read_frames
 from cogportrait.face.pose import (
+    MIRROR_KEYPOINTS,
     head_pose_from_rotation,
+    mirror_keypoint_groups,
     orthonormalise,
     rotation_from_head_pose,
     similarity_align,
 )
 from cogportrait.face.proxies import mirror_blendshapes, rectify_gaze, signed_gaze
-from cogportrait.schema import BLENDSHAPE_NAMES, keypoint_slice
+from cogportrait.schema import BLENDSHAPE_NAMES, KEYPOINT_INDICES, keypoint_slice
 
 
 def test_pose_angles_round_trip():
@@ -47,6 +49,34 @@ def test_similarity_align_recovers_a_transform():
     rr, s, t = similarity_align(src[None], dst)
     back = s[0] * src @ rr[0].T + t[0]
     assert np.allclose(back, dst, atol=1e-9)
+
+
+def _synthetic_face() -> np.ndarray:
+    """62 x 3 image-space keypoints of a mirror-symmetric face built from geometry alone: the
+    right-side contours are the left ones reflected (MediaPipe lists them in mirrored order),
+    while both iris rings are listed as MediaPipe does, centre, +x, +y, −x, −y in image terms."""
+    rng = np.random.default_rng(7)
+    kp = np.zeros((62, 3))
+    for left, right, dx in (("left_eye", "right_eye", 0.5), ("left_brow", "right_brow", 0.5)):
+        pts = rng.normal(size=(keypoint_slice(left).stop - keypoint_slice(left).start, 3)) * 0.2 + [dx, 0.0, 0.0]
+        kp[keypoint_slice(left)] = pts
+        kp[keypoint_slice(right)] = pts * [-1.0, 1.0, 1.0]
+    ring = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [-1, 0, 0], [0, -1, 0]], dtype=float) * 0.1
+    kp[keypoint_slice("left_iris")] = ring + [0.5, 0.05, 0.0]
+    kp[keypoint_slice("right_iris")] = ring + [-0.5, 0.05, 0.0]
+    return kp
+
+
+def test_mirror_puts_every_keypoint_on_its_twin():
+    """Reflecting x and mirroring the groups gives back a symmetric face point for point, iris
+    rings included; the twins are the known MediaPipe pairs; twice is the identity."""
+    face = _synthetic_face()
+    assert np.allclose(mirror_keypoint_groups(face * [-1.0, 1.0, 1.0]), face)
+    twin = {KEYPOINT_INDICES[j]: KEYPOINT_INDICES[m] for j, m in enumerate(MIRROR_KEYPOINTS)}
+    assert [twin[i] for i in (473, 474, 475, 476, 477, 263, 362, 276)] == [468, 471, 470, 469, 472, 33, 133, 46]
+    assert all(twin[twin[i]] == i for i in twin)
+    frames = np.random.default_rng(8).normal(size=(4, 62, 2))
+    assert np.array_equal(mirror_keypoint_groups(mirror_keypoint_groups(frames)), frames)
 
 
 def test_blendshape_order_matches_mediapipe():

@@ -12,7 +12,7 @@ the closed vocabulary.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,10 @@ import pyarrow as pa
 
 from cogportrait.config import CurateConfig
 from cogportrait.curate.crop import crop_track, write_cropped_clip
-from cogportrait.curate.filters import motion_decision, quality_decision, text_area, text_decision
-from cogportrait.curate.scenes import detect_scenes
+from cogportrait.curate.filters import TextSample, line_boxes, motion_decision, quality_decision, text_decision
+from cogportrait.curate.scan import Shot, VideoScan, scan_video
 from cogportrait.curate.spans import Span, apply_duration_limits, segment_face_runs, span_seconds
-from cogportrait.curate.text import TextDetector, decode_frames, encode_frames
+from cogportrait.curate.text import TextDetector, decode_frames, stack_bands
 from cogportrait.curate.tracking import FaceTracker, motion_scores
 from cogportrait.io.audio import extract_audio_span
 from cogportrait.io.video import VideoError, VideoInfo, iter_frames, probe_video, resample_times
@@ -57,11 +57,14 @@ ROW_DEFAULTS: Row = {
     "text_frames": [], "text_jpegs": [],
     "face_size_px": NAN, "face_score": NAN, "face_coverage": NAN,
     "sharpness": NAN, "brightness": NAN, "motion_score": NAN, "head_speed": NAN, "text_score": NAN,
+    "text_kind": "",
     # outputs: crop box (median x0, y0, x1, y1) and per clip frame (cx, cy, side), source px
     "clip_id": "", "clip_path": "", "audio_path": "", "has_audio": False, "n_frames": 0,
     "crop_box": [], "crop_track": [],
     # reject
     "reject_stage": "", "reject_reason": "", "reject_detail": "",
+    # rows this video makes in all: set by the scan on the rows of its last shot (0 = not known yet)
+    "video_rows": 0,
     # seconds spent per step (attributed to the first row a step emits for an input); they go to
     # metrics.json only, never into a table
     "t_probe": 0.0, "t_scenes": 0.0, "t_track": 0.0, "t_text": 0.0, "t_filter": 0.0, "t_crop": 0.0,
@@ -157,83 +160,111 @@ def single_threaded() -> None:
     cv2.setNumThreads(1)
 
 
-def scenes_step(row: Row, cfg: CurateConfig) -> list[Row]:
-    """1:N. One decode pass: frame times and shot cuts; each shot cut to the duration limits."""
+def scan_step(row: Row, cfg: CurateConfig, tracker: FaceTracker) -> Iterator[list[Row]]:
+    """1:N, streamed per shot. One decode pass (``scan.py``): frame times, shot cuts and face
+    samples; each shot is cut to the duration limits, each piece split into face runs (gaps longer
+    than ``max_face_gap_s`` are rejected), each run cut to the limits again.
+
+    The rows of the video's last shot carry ``video_rows``, the number of rows the video makes in
+    all (every later step is 1:1), so the driver knows when a video is complete.
+    """
     if rejected(row):
-        return [row]
+        row["video_rows"] = 1
+        yield [row]
+        return
     single_threaded()
     t0 = time.perf_counter()
     info = video_info(row)
-    result = detect_scenes(row["path"], info, cfg.scene_detector, cfg.scene_threshold, cfg.scene_min_len_frames, cfg.scene_downscale_px)
-    times = result.times
-    if result.n_frames == 0:
-        row["t_scenes"] = time.perf_counter() - t0
-        return [reject(row, "scenes", "undecodable", result.decode_error or "no frame decoded")]
-    fps = (result.n_frames - 1) / times[-1] if result.n_frames > 1 and times[-1] > 0 else info.fps
-    row["fps"], row["n_src_frames"] = float(fps), result.n_frames
-    period = 1.0 / fps
-    bounds = [0, *result.cuts, result.n_frames]
-    out: list[Row] = []
-    for scene_index, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        for span in apply_duration_limits(Span(a, b), times, period, cfg.min_duration_s, cfg.max_duration_s):
-            child = with_span(row, span, times, period)
-            child["scene_index"] = scene_index
-            if span.reason:
-                t_a, t_b = child["start_s"], child["end_s"]
-                reject(child, "scenes", span.reason, f"{t_b - t_a:.2f} s < {cfg.min_duration_s} s")
-            out.append(child)
-    missing = info.n_frames - result.n_frames
-    if result.decode_error or missing > 0.5 * fps:
+    scan, shots = scan_video(
+        row["path"], info, tracker, 1.0 / cfg.track_fps, cfg.scene_detector, cfg.scene_threshold, cfg.scene_min_len_frames,
+        cfg.scene_downscale_px, cfg.text_candidates, max(1, int(round(cfg.track_fps * cfg.text_candidate_s))),
+    )
+    emitted, pending = 0, None
+    for scene_index, shot in enumerate(shots):
+        if pending is not None:
+            emitted += len(pending)
+            yield pending
+        pending = _shot_rows(row, cfg, scan, shot, scene_index)
+    if pending is None:  # nothing decoded
+        row["t_scenes"], row["video_rows"] = time.perf_counter() - t0, 1
+        yield [reject(row, "scenes", "undecodable", scan.decode_error or "no frame decoded")]
+        return
+    missing = info.n_frames - scan.n_frames
+    if scan.decode_error or missing > 0.5 * info.fps:
         # the part after a break is lost to decoding: record it, with its span, as a reject
-        detail = result.decode_error or f"container claims {info.n_frames} frames, {result.n_frames} decode"
-        tail = dict(row)
-        tail["start_frame"], tail["end_frame"] = result.n_frames, max(result.n_frames, info.n_frames)
+        times, period = np.asarray(scan.times), 1.0 / _decoded_fps(scan, info)
+        detail = scan.decode_error or f"container claims {info.n_frames} frames, {scan.n_frames} decode"
+        tail = _with_video_timing(row, scan, info)
+        tail["start_frame"], tail["end_frame"] = scan.n_frames, max(scan.n_frames, info.n_frames)
         tail["start_s"], tail["end_s"] = float(times[-1] + period), max(float(times[-1] + period), info.duration_s)
-        tail["times"], tail["scene_index"] = [], len(bounds) - 1
-        out.append(reject(tail, "scenes", "decode_error", detail))
-    for child in out:
-        child["t_scenes"] = 0.0
-    out[0]["t_scenes"] = time.perf_counter() - t0
+        tail["times"], tail["scene_index"] = [], pending[-1]["scene_index"] + 1
+        pending.append(reject(tail, "scenes", "decode_error", detail))
+    for r in pending:
+        r["video_rows"] = emitted + len(pending)
+    yield pending
+
+
+def _decoded_fps(scan: VideoScan, info: VideoInfo) -> float:
+    """The stream's rate from its decoded timestamps (VFR and wrong container rates included)."""
+    t = scan.times
+    return (len(t) - 1) / t[-1] if len(t) > 1 and t[-1] > 0 else info.fps
+
+
+def _with_video_timing(row: Row, scan: VideoScan, info: VideoInfo) -> Row:
+    out = dict(row)
+    out["fps"], out["n_src_frames"] = float(_decoded_fps(scan, info)), scan.n_frames
     return out
 
 
-def track_step(row: Row, cfg: CurateConfig, tracker: FaceTracker) -> list[Row]:
-    """1:N. Face detection on sampled frames; split where the face is missing > max gap."""
-    if rejected(row):
-        return [row]
-    t0 = time.perf_counter()
-    info, times = video_info(row), span_times(row)
-    period = 1.0 / row["fps"]
-    step = max(1, int(round(row["fps"] / cfg.track_fps)))
-    try:
-        samples, kept = tracker.track(row["path"], info, row["start_frame"], row["end_frame"], step, times, keep=cfg.text_frames)
-    except VideoError as err:
-        row["t_track"] = time.perf_counter() - t0
-        return [reject(row, "face_track", err.reason, err.detail)]
-    if not samples:
-        row["t_track"] = time.perf_counter() - t0
-        return [reject(row, "face_track", "decode_error", "no frame decoded in the span")]
-    max_gap = int(np.floor(cfg.max_face_gap_s * row["fps"] / step + 1e-6))
-    runs = segment_face_runs([s.frame for s in samples], [s.label for s in samples], row["end_frame"], max_gap)
-    if runs and runs[0].start > row["start_frame"]:  # frames before the first sample (never: sample 0 = start)
-        runs.insert(0, Span(row["start_frame"], runs[0].start, "no_face"))
+def _shot_rows(row: Row, cfg: CurateConfig, scan: VideoScan, shot: Shot, scene_index: int) -> list[Row]:
+    """The rows of one shot: duration limits, face runs, duration limits again."""
+    info = video_info(row)
+    base = _with_video_timing(row, scan, info)  # fps from the frames decoded so far: exact for the shot
+    base["scene_index"] = scene_index
+    fps = base["fps"]
+    period = 1.0 / fps
+    times = np.asarray(scan.times, dtype=np.float64)
+    max_gap = int(np.floor(cfg.max_face_gap_s * cfg.track_fps + 1e-6))  # in samples
     out: list[Row] = []
-    for run in runs:
-        pieces = [run] if run.reason else apply_duration_limits(
-            run, times, period, cfg.min_duration_s, cfg.max_duration_s, offset=row["start_frame"]
-        )
-        for piece in pieces:
-            child = with_span(row, piece, times, period)
-            if piece.reason:
-                reject(child, "face_track", piece.reason, f"{child['end_s'] - child['start_s']:.2f} s")
-            else:
-                _attach_track(child, [s for s in samples if piece.start <= s.frame < piece.end], period)
-                child["text_frames"], child["text_jpegs"] = encode_frames({i: f for i, f in kept.items() if piece.start <= i < piece.end})
-            out.append(child)
-    for child in out:
-        child["t_track"] = 0.0
-    out[0]["t_track"] = time.perf_counter() - t0
+    for piece in apply_duration_limits(Span(shot.start, shot.end), times, period, cfg.min_duration_s, cfg.max_duration_s):
+        child = with_span(base, piece, times, period)
+        if piece.reason:
+            out.append(reject(child, "scenes", piece.reason, f"{child['end_s'] - child['start_s']:.2f} s < {cfg.min_duration_s} s"))
+            continue
+        samples = [s for s in shot.samples if piece.start <= s.frame < piece.end]
+        if not samples:
+            out.append(reject(child, "face_track", "decode_error", "no frame sampled in the span"))
+            continue
+        runs = segment_face_runs([s.frame for s in samples], [s.label for s in samples], piece.end, max_gap)
+        # samples sit on a time grid from t = 0: the frames before a piece's first sample go with it
+        runs[0] = Span(piece.start, runs[0].end, runs[0].reason)
+        for run in runs:
+            parts = [run] if run.reason else apply_duration_limits(run, times, period, cfg.min_duration_s, cfg.max_duration_s)
+            for part in parts:
+                span_row = with_span(base, part, times, period)
+                span_row["scene_index"] = scene_index
+                if part.reason:
+                    reject(span_row, "face_track", part.reason, f"{span_row['end_s'] - span_row['start_s']:.2f} s")
+                else:
+                    _attach_track(span_row, [s for s in samples if part.start <= s.frame < part.end], period)
+                    wanted = pick_spread(sorted(shot.candidates), part.start, part.end, cfg.text_frames)
+                    span_row["text_frames"] = wanted
+                    span_row["text_jpegs"] = [shot.candidates[i] for i in wanted]
+                out.append(span_row)
+    for r in out:
+        r["t_scenes"] = r["t_track"] = 0.0
+    out[0]["t_scenes"], out[0]["t_track"] = shot.scene_seconds, shot.track_seconds
     return out
+
+
+def pick_spread(available: list[int], start: int, end: int, count: int) -> list[int]:
+    """Up to ``count`` of the ``available`` frame indices inside [start, end), each the nearest to
+    one of ``count`` points evenly spread over the span (ascending, no repeats)."""
+    inside = np.asarray([i for i in available if start <= i < end], dtype=np.int64)
+    if len(inside) == 0:
+        return []
+    targets = start + (np.arange(count) + 0.5) * (end - start) / count
+    return sorted({int(inside[np.argmin(np.abs(inside - t))]) for t in targets})
 
 
 def _attach_track(row: Row, samples: list, frame_period: float) -> None:
@@ -251,7 +282,8 @@ def _attach_track(row: Row, samples: list, frame_period: float) -> None:
 
 
 def text_step(row: Row, cfg: CurateConfig, detector: TextDetector) -> Row:
-    """1:1. RapidOCR detection on a few frames spread over the span (rule in filters.py).
+    """1:1. Captions and tickers in the top and bottom bands of a few frames spread over the
+    span (rule in filters.py); records ``text_score`` and ``text_kind`` on every span it sees.
 
     Uses the frames the track pass kept; decodes only when none of them fell in this span.
     """
@@ -267,15 +299,18 @@ def text_step(row: Row, cfg: CurateConfig, detector: TextDetector) -> Row:
             row["t_text"] = time.perf_counter() - t0
             return reject(row, "text", err.reason, err.detail)
     sample_frames, boxes = track_arrays(row)
-    measured = []
+    layout, samples = None, []
     for idx, rgb in sorted(frames.items()):
+        layout = layout or detector.layout(rgb.shape[1], rgb.shape[0], cfg.text_band_top, cfg.text_band_bottom)
         face = tuple(boxes[int(np.argmin(np.abs(sample_frames - idx)))]) if len(sample_frames) else None
-        measured.append(text_area(detector.detect(rgb), rgb.shape[1], rgb.shape[0], face, cfg.text_min_box_height))
-    keep, reason, score = text_decision(measured, cfg)
-    row["text_score"] = score
+        stack = stack_bands(rgb, layout)
+        lines, bands = line_boxes(detector.detect(stack), layout, face, cfg)
+        samples.append(TextSample(idx, cv2.cvtColor(stack, cv2.COLOR_RGB2GRAY), lines, bands, face))
+    verdict = text_decision(samples, layout, cfg)
+    row["text_score"], row["text_kind"] = verdict.score, verdict.kind
     row["t_text"] = time.perf_counter() - t0
-    if not keep:
-        reject(row, "text", reason, f"text covers {score:.4f} of the frame on average")
+    if not verdict.keep:
+        reject(row, "text", verdict.reason, verdict.detail)
     return row
 
 
@@ -375,7 +410,7 @@ def clip_record(row: Row) -> Row:
         "source_width": row["width"], "source_height": row["height"],
         "label": row["label"], "identity": row["identity"], "mirrored": row["mirrored"],
         "source": row["source"], "license": row["license"],
-        **{k: row[k] for k in ("face_size_px", "face_score", "face_coverage", "text_score", "sharpness", "brightness", "motion_score", "head_speed")},
+        **{k: row[k] for k in ("face_size_px", "face_score", "face_coverage", "text_score", "text_kind", "sharpness", "brightness", "motion_score", "head_speed")},
     }
 
 

@@ -1,14 +1,12 @@
 """Face tracking on sampled frames with MediaPipe's full-range face detector.
 
-One decode pass over a span classifies each sampled frame (ok / no_face / multi_face /
-small_face) and, where the dominant face is found, measures what the quality and motion
-filters need (sharpness, brightness, a small thumbnail), so later steps never decode again
-for them.
+Each sampled frame of the scan's decode pass (``scan.py``) is classified (ok / no_face /
+multi_face / small_face) and, where the dominant face is found, measured for the quality and
+motion filters (sharpness, brightness, a small thumbnail), so later steps never decode for them.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import cv2
@@ -17,7 +15,6 @@ import numpy as np
 from mediapipe.tasks.python import BaseOptions, vision
 
 from cogportrait.face.model_files import face_detector_path
-from cogportrait.io.video import VideoInfo, iter_frames
 
 THUMB = 32
 SHARPNESS_SIDE = 128
@@ -88,37 +85,17 @@ class FaceTracker:
             boxes.append((float(bb.origin_x), float(bb.origin_y), float(bb.origin_x + bb.width), float(bb.origin_y + bb.height), float(score)))
         return boxes
 
-    def track(
-        self,
-        path: str | os.PathLike,
-        info: VideoInfo,
-        start: int,
-        end: int,
-        step: int,
-        times: np.ndarray | None,
-        keep: int = 0,
-    ) -> tuple[list[FaceSample], dict[int, np.ndarray]]:
-        """Classify every ``step``-th frame of [start, end) in one sequential decode.
-
-        Also returns ``keep`` evenly spread sampled frames (RGB), so the text filter can run on
-        them without decoding the span again.
-        """
-        samples: list[FaceSample] = []
-        sample_frames = list(range(start, end, step))
-        wanted = {sample_frames[int((k + 0.5) * len(sample_frames) / keep)] for k in range(keep)} if keep else set()
-        kept: dict[int, np.ndarray] = {}
-        for idx, rgb in iter_frames(path, info, start, end, step=step, times=times):
-            if idx in wanted:
-                kept[idx] = rgb
-            boxes = self.detect(rgb)
-            label, main = classify_detections(boxes, self.min_face_px, self.multi_ratio)
-            sample = FaceSample(frame=idx, label=label)
-            if main >= 0:
-                sample.box = boxes[main][:4]
-                sample.score = boxes[main][4]
-                sample.sharpness, sample.brightness, sample.thumb = face_region_stats(rgb, sample.box)
-            samples.append(sample)
-        return samples, kept
+    def sample(self, frame_index: int, rgb: np.ndarray) -> FaceSample:
+        """Classify one sampled frame and, where the dominant face is found, measure what the
+        quality and motion filters need, so later steps never decode for them."""
+        boxes = self.detect(rgb)
+        label, main = classify_detections(boxes, self.min_face_px, self.multi_ratio)
+        sample = FaceSample(frame=frame_index, label=label)
+        if main >= 0:
+            sample.box = boxes[main][:4]
+            sample.score = boxes[main][4]
+            sample.sharpness, sample.brightness, sample.thumb = face_region_stats(rgb, sample.box)
+        return sample
 
     def close(self) -> None:
         self._detector.close()

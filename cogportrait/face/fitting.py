@@ -1,9 +1,12 @@
-"""Fitting the linear face model over a dataset and scoring it: baselines, ridge fit, LOCO, gates.
+"""Fitting the linear face model over a dataset and scoring it: baselines, ridge fit, LOIO, gates.
 
 Ray-free maths of the invert job. A dataset is reduced to per-clip ``ClipMoments`` (tiny matrices
 that give the ridge statistics for any baseline) and per-identity ``RestData``; ``fit_face_model``
-estimates the baselines, fits the basis, re-centres the baselines under it and refits, and fits
-the exact leave-one-clip-out (LOCO) bases the quality gates are measured with.
+estimates the baselines, fits the basis (the dataset's statistics, their mirror images when
+``symmetric``, plus the generic model's statistics as a prior), re-centres the baselines under it
+and refits, and fits the exact leave-one-identity-out (LOIO) bases the quality gates are measured
+with (and leave-one-clip-out, LOCO, for reference). ``generic_from_fit`` turns a fit into the
+shipped ``GenericFaceModel``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import numpy as np
 
 from cogportrait.config import InversionSettings, InvertConfig, RestSettings
 from cogportrait.face.inversion import invert_clip
+from cogportrait.face.mapping import average_baseline
 from cogportrait.face.model import (
     FIT_AU_INDEX,
     FIT_AUS,
@@ -22,6 +26,7 @@ from cogportrait.face.model import (
     Baseline,
     ClipMoments,
     ClipStats,
+    GenericFaceModel,
     LinearFaceModel,
     estimate_baseline,
     group_dims,
@@ -32,7 +37,10 @@ from cogportrait.face.model import (
     sse,
 )
 from cogportrait.face.signals import LID_KEYS, PROXY_COMPARED, FaceSignals
-from cogportrait.schema import CHANNEL_INDEX, KEYPOINT_GROUPS
+from cogportrait.schema import CHANNEL_INDEX, KEYPOINT_GROUPS, identity_key
+
+# identity keys of clips without a stated identity start with this (schema.identity_key)
+UNLABELLED_PREFIX = identity_key(None, "")
 
 def rest_frames(sig: FaceSignals, settings: RestSettings) -> np.ndarray:
     """Indices of the clip's rest frames (at most ``max_frames_per_clip``, evenly spread)."""
@@ -52,12 +60,13 @@ class RestData:
     gaze: np.ndarray  # K x 2
     head_pose: np.ndarray  # K x 3
     lid: np.ndarray  # K x len(LID_KEYS)
+    nuisance: np.ndarray  # K x len(NUISANCE_TERMS)
 
-    FIELDS = ("canon", "au", "gaze", "head_pose", "lid")
+    FIELDS = ("canon", "au", "gaze", "head_pose", "lid", "nuisance")
 
     @staticmethod
     def of(sig: FaceSignals, idx: np.ndarray) -> RestData:
-        return RestData(sig.canon[idx], sig.au[idx], sig.gaze[idx], sig.head_pose[idx], sig.lid_matrix()[idx])
+        return RestData(sig.canon[idx], sig.au[idx], sig.gaze[idx], sig.head_pose[idx], sig.lid_matrix()[idx], sig.nuisance[idx])
 
     @staticmethod
     def concat(parts: list[RestData]) -> RestData:
@@ -70,7 +79,8 @@ class RestData:
 def baseline_from_rest(identity: str, rest: RestData) -> Baseline:
     """The identity's baseline: robust (median) statistics of its pooled rest frames."""
     lid = {k: rest.lid[:, i] for i, k in enumerate(LID_KEYS)}
-    return estimate_baseline(identity, rest.canon, rest.au, rest.gaze, lid, np.ones(len(rest.canon), dtype=bool), rest.head_pose)
+    return estimate_baseline(identity, rest.canon, rest.au, rest.gaze, lid, np.ones(len(rest.canon), dtype=bool), rest.head_pose,
+                             rest.nuisance)
 
 
 def refine_baseline(baseline: Baseline, rest: RestData, basis: np.ndarray) -> Baseline:
@@ -79,7 +89,7 @@ def refine_baseline(baseline: Baseline, rest: RestData, basis: np.ndarray) -> Ba
     The median rest keypoints carry the little expression left in "rest" frames; under the basis
     that expression is known, so removing it makes b and the proxies' rest values agree.
     """
-    x = regressors(rest.au, rest.gaze, rest.head_pose, baseline)
+    x = regressors(rest.au, rest.gaze, rest.head_pose, rest.nuisance, baseline)
     d = rest.canon.reshape(len(x), N_DIMS) - baseline.keypoints.reshape(N_DIMS)
     ok = np.all(np.isfinite(x), axis=1) & np.all(np.isfinite(d), axis=1)
     if not ok.any():
@@ -91,7 +101,7 @@ def refine_baseline(baseline: Baseline, rest: RestData, basis: np.ndarray) -> Ba
 def clip_moments(sig: FaceSignals) -> ClipMoments:
     """Baseline-free moments of the clip's usable frames (face present, proxies finite)."""
     t = len(sig.frame)
-    z = raw_features(sig.au, sig.gaze, sig.head_pose)
+    z = raw_features(sig.au, sig.gaze, sig.head_pose, sig.nuisance)
     k = sig.canon.reshape(t, N_DIMS)
     ok = sig.present & np.all(np.isfinite(z), axis=1) & np.all(np.isfinite(k), axis=1)
     return ClipMoments.of(z[ok], k[ok])
@@ -128,18 +138,6 @@ def r2_by_group(stats_by_clip: dict[str, ClipStats], bases: dict[str, np.ndarray
     return out
 
 
-def loco_bases(stats_by_clip: dict[str, ClipStats], ridge: float) -> dict[str, np.ndarray]:
-    """The basis fitted without each clip (needs at least two clips with frames)."""
-    total = ClipStats.zero()
-    for s in stats_by_clip.values():
-        total = total + s
-    out = {}
-    for cid, s in stats_by_clip.items():
-        rest = total - s
-        out[cid] = ridge_solve(rest, ridge) if rest.n >= N_REG else np.full((N_REG, N_DIMS), np.nan)
-    return out
-
-
 def invert_signals(
     sig: FaceSignals, model: LinearFaceModel, baseline: Baseline, settings: InversionSettings
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -151,6 +149,7 @@ def invert_signals(
         model,
         baseline,
         settings,
+        sig.nuisance,
     )
 
 
@@ -208,6 +207,10 @@ class FaceModelFit:
     stats: dict[str, ClipStats]  # each clip's ridge statistics under its identity's final baseline
     loco: dict[str, tuple[np.ndarray, Baseline]] = field(default_factory=dict)  # clip -> basis without it, re-centred baseline
     loco_stats: dict[str, ClipStats] = field(default_factory=dict)
+    loio: dict[str, tuple[np.ndarray, Baseline]] = field(default_factory=dict)  # identity -> basis without it, its re-centred baseline
+    loio_stats: dict[str, ClipStats] = field(default_factory=dict)  # clip -> statistics under its identity's LOIO baseline
+    loio_identity: dict[str, str] = field(default_factory=dict)  # clip -> its held-out identity (the clips LOIO scores)
+    loio_labelled: bool = True  # False: no clip had a stated identity, LOIO holds out single clips
 
 
 def sum_stats(items) -> ClipStats:
@@ -217,63 +220,138 @@ def sum_stats(items) -> ClipStats:
     return total
 
 
+def with_prior(data: ClipStats, prior: ClipStats | None, symmetric: bool) -> ClipStats:
+    """What the basis is solved from: the data (and its mirror image) plus the prior (and its)."""
+    total = data if prior is None else data + prior
+    return total + total.mirrored() if symmetric else total
+
+
+def loio_identities(identity_of: dict[str, str]) -> tuple[list[str], bool]:
+    """The identities leave-one-identity-out holds out, and whether they are stated ones.
+
+    A clip without a stated identity may show anyone, a held-out person included (the sample's
+    multi-shot edit repeats four other clips' people), so when some clips have stated identities
+    LOIO uses only those: unlabelled clips are neither held out nor in the held-out fits. With no
+    stated identity at all, every clip is its own identity (LOIO = LOCO).
+    """
+    keys = sorted(set(identity_of.values()))
+    labelled = [k for k in keys if not k.startswith(UNLABELLED_PREFIX)]
+    return (labelled, True) if labelled else (keys, False)
+
+
 def fit_face_model(
-    rest: dict[str, RestData], moments: dict[str, ClipMoments], identity_of: dict[str, str], ridge: float, meta: dict | None = None
+    rest: dict[str, RestData],
+    moments: dict[str, ClipMoments],
+    identity_of: dict[str, str],
+    ridge: float,
+    meta: dict | None = None,
+    prior: ClipStats | None = None,
+    symmetric: bool = False,
 ) -> FaceModelFit:
     """Baselines from each identity's rest frames, the ridge basis, baselines re-centred under it
-    (no offset at rest), the final basis, and exact leave-one-clip-out bases.
+    (no offset at rest), the final basis, exact leave-one-identity-out and leave-one-clip-out bases.
 
-    ``moments`` holds only clips whose identity has rest frames. LOCO needs at least two clips; a
-    clip's LOCO baseline is its identity's, re-centred under the basis fitted without the clip.
+    ``moments`` holds only clips whose identity has rest frames. ``prior`` (statistics of other
+    people, already weighted; see ``GenericFaceModel.prior``) is added to every fit: shrinkage
+    toward the generic basis. A held-out identity's baseline comes from its own rest frames,
+    re-centred under the basis fitted without it; the other identities keep their final
+    baselines (re-centring each of them per held-out identity would cost O(identities²)).
     """
     first = {ident: baseline_from_rest(ident, r) for ident, r in rest.items()}
     stats0 = {c: m.stats(first[identity_of[c]]) for c, m in moments.items()}
-    model0 = LinearFaceModel.fit(sum_stats(stats0.values()), ridge)
+    model0 = LinearFaceModel.fit(with_prior(sum_stats(stats0.values()), prior, symmetric), ridge)
     baselines = {i: refine_baseline(b, rest[i], model0.basis) for i, b in first.items()}
     stats = {c: m.stats(baselines[identity_of[c]]) for c, m in moments.items()}
     total = sum_stats(stats.values())
-    model = LinearFaceModel.fit(total, ridge, {**(meta or {}), "clips": len(stats), "frames": int(total.n), "identities": len(baselines)})
+    model = LinearFaceModel.fit(with_prior(total, prior, symmetric), ridge, {
+        **(meta or {}), "clips": len(stats), "frames": int(total.n), "identities": len(baselines), "symmetric": symmetric,
+        "prior_frames": float(prior.n) if prior is not None else 0.0,
+    })
     fit = FaceModelFit(model, baselines, stats)
     if len(stats) >= 2:
-        for cid, basis in loco_bases(stats, ridge).items():
-            ident = identity_of[cid]
-            b = refine_baseline(baselines[ident], rest[ident], basis) if np.all(np.isfinite(basis)) else baselines[ident]
-            fit.loco[cid] = (basis, b)
-            fit.loco_stats[cid] = moments[cid].stats(b)
+        for cid, s in stats.items():
+            fit.loco[cid] = _held_out(total - s, prior, symmetric, ridge, first[identity_of[cid]], rest[identity_of[cid]])
+            fit.loco_stats[cid] = moments[cid].stats(fit.loco[cid][1])
+    held, fit.loio_labelled = loio_identities({c: identity_of[c] for c in stats})
+    if len(held) >= 2:
+        pool = sum_stats(s for c, s in stats.items() if identity_of[c] in held)
+        for ident in held:
+            own = sum_stats(s for c, s in stats.items() if identity_of[c] == ident)
+            fit.loio[ident] = _held_out(pool - own, prior, symmetric, ridge, first[ident], rest[ident])
+            for cid in (c for c in stats if identity_of[c] == ident):
+                fit.loio_stats[cid] = moments[cid].stats(fit.loio[ident][1])
+                fit.loio_identity[cid] = ident
     return fit
 
 
+def _held_out(train: ClipStats, prior: ClipStats | None, symmetric: bool, ridge: float,
+              baseline: Baseline, rest: RestData) -> tuple[np.ndarray, Baseline]:
+    """The basis fitted from ``train`` (+ prior), and the held-out identity's baseline re-centred under it."""
+    total = with_prior(train, prior, symmetric)
+    if total.n < N_REG:
+        return np.full((N_REG, N_DIMS), np.nan), baseline
+    basis = ridge_solve(total, ridge)
+    return basis, refine_baseline(baseline, rest, basis)
+
+
+def generic_from_fit(fit: FaceModelFit, identity_of: dict[str, str], meta: dict | None = None) -> GenericFaceModel:
+    """The generic model of a fit: per-identity statistics (under the final baselines), the
+    basis, the baselines and their average."""
+    stats: dict[str, ClipStats] = {}
+    clips: dict[str, list[str]] = {}
+    for cid, s in fit.stats.items():
+        ident = identity_of[cid]
+        stats[ident] = stats.get(ident, ClipStats.zero()) + s
+        clips.setdefault(ident, []).append(cid)
+    return GenericFaceModel(fit.model, stats, fit.baselines, average_baseline(fit.baselines), clips, dict(meta or {}))
+
+
 GATED_CORR_CHANNELS = ("AU1", "AU2L", "AU2R", "AU45L", "AU45R", "gaze_horizontal")
+GATED_CORR_CHANNELS_AU4 = ("AU4L", "AU4R")  # the brow lowerers: a lower bar (gate_loio_corr_au4)
 
 
-def quality_report(fit: FaceModelFit, fit_corr: CorrSums | None, loco_corr: CorrSums | None,
-                   err_sum: float, err_n: int, cfg: InvertConfig) -> dict:
-    """The face model's quality metrics (R² per keypoint group in-sample and LOCO, inverted vs
-    proxy correlations) and the gates of ``cfg`` measured on them (LOCO, in-plane xy)."""
+def quality_report(fit: FaceModelFit, fit_corr: CorrSums | None, loco_corr: CorrSums | None, loio_corr: CorrSums | None,
+                   err_sum: float, err_n: int, cfg: InvertConfig, prior: dict | None = None) -> dict:
+    """The face model's quality metrics (R² per keypoint group in-sample, LOCO and LOIO, inverted
+    vs proxy correlations) and the gates of ``cfg`` measured on them (LOIO, in-plane xy): how the
+    basis carries to a person it has not seen."""
     def corr(total: CorrSums | None) -> dict[str, float | None]:
         return {} if total is None else {name: _round(v) for name, v in zip(PROXY_COMPARED, total.r())}
 
+    def r2(stats: dict[str, ClipStats], bases: dict[str, np.ndarray], planar: bool) -> dict[str, float | None]:
+        return _rounded(r2_by_group(stats, bases, planar=planar)) if stats else {}
+
     bases = {c: fit.model.basis for c in fit.stats}
-    loco_bases_ = {c: v[0] for c, v in fit.loco.items()}
-    r2_loco_xy = r2_by_group(fit.loco_stats, loco_bases_, planar=True) if fit.loco else {}
-    fit_c, loco_c = corr(fit_corr), corr(loco_corr)
+    loco_bases = {c: v[0] for c, v in fit.loco.items()}
+    loio_bases = {c: fit.loio[ident][0] for c, ident in fit.loio_identity.items()}
+    r2_loio_xy = r2(fit.loio_stats, loio_bases, True)
+    loio_c = corr(loio_corr)
     gates = {
-        "loco_r2_overall": _gate(r2_loco_xy.get("overall"), cfg.gate_loco_r2_overall),
-        "loco_r2_iris": _gate(r2_loco_xy.get("iris"), cfg.gate_loco_r2_iris),
+        "loio_r2_overall": _gate(r2_loio_xy.get("overall"), cfg.gate_loio_r2_overall),
+        "loio_r2_iris": _gate(r2_loio_xy.get("iris"), cfg.gate_loio_r2_iris),
     }
     for ch in GATED_CORR_CHANNELS:
-        gates[f"loco_corr_{ch}"] = _gate(loco_c.get(ch), cfg.gate_loco_corr)
+        gates[f"loio_corr_{ch}"] = _gate(loio_c.get(ch), cfg.gate_loio_corr)
+    for ch in GATED_CORR_CHANNELS_AU4:
+        gates[f"loio_corr_{ch}"] = _gate(loio_c.get(ch), cfg.gate_loio_corr_au4)
+    fit_c = corr(fit_corr)
     return {
-        "face_model": {"version": fit.model.version, "regressors": len(fit.model.basis), "ridge": cfg.ridge, "identities": len(fit.baselines)},
+        "face_model": {"version": fit.model.version, "regressors": len(fit.model.basis), "ridge": cfg.ridge,
+                       "identities": len(fit.baselines), "symmetric": cfg.symmetric, "prior": prior or {}},
+        "loio": {"identities": len(fit.loio), "stated_identities_only": fit.loio_labelled,
+                 "clips": len(fit.loio_stats),
+                 "note": "each identity scored under the basis fitted from every other one (dataset and prior), its baseline "
+                         "re-centred under that basis; clips without a stated identity are left out when any has one"},
         "r2_by_group": {
-            "in_sample_xy": _rounded(r2_by_group(fit.stats, bases, planar=True)), "loco_xy": _rounded(r2_loco_xy),
-            "in_sample_xyz": _rounded(r2_by_group(fit.stats, bases)),
-            "loco_xyz": _rounded(r2_by_group(fit.loco_stats, loco_bases_) if fit.loco else {}),
+            "in_sample_xy": r2(fit.stats, bases, True), "loio_xy": r2_loio_xy, "loco_xy": r2(fit.loco_stats, loco_bases, True),
+            "in_sample_xyz": r2(fit.stats, bases, False), "loio_xyz": r2(fit.loio_stats, loio_bases, False),
+            "loco_xyz": r2(fit.loco_stats, loco_bases, False),
             "note": "xy: in-plane coordinates (what Stage 2 renders; gates use these); xyz adds MediaPipe's relative depth",
         },
         "r2_per_au_in_sample": {k: _round(v * v) if v is not None else None for k, v in fit_c.items() if k in FIT_AUS},
         "corr_inverted_vs_proxy_in_sample": fit_c,
-        "corr_inverted_vs_proxy_loco": loco_c,
+        "corr_inverted_vs_proxy_loio": loio_c,
+        "corr_inverted_vs_proxy_loco": corr(loco_corr),
         "mean_residual_error_iod": _round(err_sum / err_n) if err_n else None,
         "gates": gates,
     }

@@ -3,7 +3,8 @@
 Per frame: gaze first from the iris points, then the AUs from lids and brows with the gaze part
 removed (the paper's "separately"), each by bounded least squares so that controls stay in
 [0, 1]. Then over time: AU41 (lid droop) from the lid-to-iris distance outside blinks, and the
-part of the lid closure it explains is taken out of AU45. Head pose comes from the matrix.
+part of the lid closure it explains is taken out of AU45. Head pose comes from the matrix; it and
+the nuisance blendshapes (model.NUISANCE_TERMS) are known, so their part is only subtracted.
 mapping.py is the exact inverse of these steps.
 """
 
@@ -19,6 +20,7 @@ from cogportrait.face.model import (
     NON_IRIS_DIMS,
     Baseline,
     LinearFaceModel,
+    nuisance_terms,
     pose_terms,
 )
 from cogportrait.face.pose import EYE_UPPER_MID
@@ -106,8 +108,11 @@ def solve_frames(
     model: LinearFaceModel,
     baseline: Baseline,
     settings: InversionSettings,
+    nuisance: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-frame bounded solve. canon: T x 62 x 3 (NaN rows allowed); head_pose T x 3 (known).
+    """Per-frame bounded solve. canon: T x 62 x 3 (NaN rows allowed); head_pose T x 3 and nuisance
+    T x len(NUISANCE_TERMS) are known (None: at the identity's rest, as in keypoints made by
+    mapping.py, which has no blendshapes; a NaN row is taken as at rest too).
 
     Returns (fitted AU values T x 9 in [0, 1], signed gaze T x 2 in [-1, 1], residual error T
     = mean keypoint distance to the model's reconstruction, IOD units).
@@ -115,6 +120,8 @@ def solve_frames(
     t = len(canon)
     d = canon.reshape(t, N_DIMS) - baseline.keypoints.reshape(N_DIMS)
     d = d - pose_terms(head_pose, baseline) @ model.basis_pose  # pose is known: remove its part
+    if nuisance is not None:  # so are the nuisance blendshapes; a frame without them counts as at rest
+        d = d - np.nan_to_num(nuisance_terms(nuisance, baseline)) @ model.basis_nuisance
     ok = np.all(np.isfinite(d), axis=1)
     w = np.sqrt(row_weights(settings.z_weight))
     au = np.full((t, len(FIT_AUS)), np.nan)
@@ -178,11 +185,13 @@ def invert_clip(
     model: LinearFaceModel,
     baseline: Baseline,
     settings: InversionSettings,
+    nuisance: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Controls T x 17 (DESIGN order; NaN where no face) and residual error T (IOD units)."""
+    """Controls T x 17 (DESIGN order; NaN where no face) and residual error T (IOD units).
+    ``nuisance``: the known nuisance blendshapes (solve_frames)."""
     t = len(canon)
     controls = np.full((t, N_CHANNELS), np.nan, dtype=np.float64)
-    au, gz, err = solve_frames(canon, head_pose, model, baseline, settings)
+    au, gz, err = solve_frames(canon, head_pose, model, baseline, settings, nuisance)
     ok = np.isfinite(err)
     controls[:, list(FIT_AU_INDEX)] = au
     rect = rectify_gaze(gz)

@@ -73,4 +73,4 @@ def average_baseline(baselines: dict[str, Baseline], name: str = "average") -> B
     items = list(baselines.values())
     mean = lambda attr: np.mean([getattr(b, attr) for b in items], axis=0)  # noqa: E731
     return Baseline(name, mean("keypoints"), mean("au"), mean("gaze"), mean("lid_above_iris"), mean("iris_radius"),
-                    mean("head_pose"), int(sum(b.n_rest_frames for b in items)))
+                    mean("head_pose"), int(sum(b.n_rest_frames for b in items)), mean("nuisance"))

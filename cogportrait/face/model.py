@@ -1,19 +1,27 @@
 """The linear face model fitted from data, and identity-specific neutral baselines.
 
-d_t = k̃_t − b = B_a (a_t − a_b) + B_g (g_t − g_b) + B_r (sin r_t − sin r_b)   (DESIGN.md, paper §3.2)
+d_t = k̃_t − b = B_a (a_t − a_b) + B_g (g_t − g_b) + B_r (sin r_t − sin r_b) + B_n (n_t − n_b)   (DESIGN.md, paper §3.2)
 
 k̃_t are pose-normalised keypoints (62×3, IOD units, y up), b an identity's rest keypoints,
 a_t the AU proxies the basis can see per frame (AU41 is temporal, see inversion.py), g_t the
 signed gaze (horizontal + toward the subject's left, vertical + up), r_t the head pose from the
 matrix: rotating MediaPipe's mesh back by Rᵀ leaves pose-dependent shape changes in the eye
 region (perspective, mesh fitting), which B_r absorbs (the paper recovers [a_t, r_t] from the
-residuals too); pose is known, so the inversion only subtracts that part. The fit is ridge least
+residuals too); pose is known, so the inversion only subtracts that part. n_t are nuisance
+blendshapes of the lower face (smiling, the upper lip raised): a smile's cheek raise pushes the
+lower lids up and narrows the eyes, which a basis without them blames on AU4/AU7 of people who
+smile a lot. They are known per frame from MediaPipe too, so, like pose, they are fitted in the
+basis and only subtracted in the inversion, never solved for. The fit is ridge least
 squares over the whole dataset from per-clip sufficient statistics, so leave-one-clip-out
-(LOCO) fits and their R² come for free.
+(LOCO) and leave-one-identity-out (LOIO) fits and their R² come for free; optionally each
+identity's mirror image is added (a symmetric basis) and the shipped generic model's
+per-identity statistics are added as a prior (``GenericFaceModel``: shrinkage toward a basis
+fitted on many people, so that a dataset with few clips still gets a good one).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -22,19 +30,32 @@ from pathlib import Path
 import numpy as np
 
 from cogportrait.config import RestSettings
+from cogportrait.face.pose import MIRROR_KEYPOINTS
 from cogportrait.io.atomic import atomic_path, write_json
-from cogportrait.schema import AU_CHANNELS, KEYPOINT_GROUPS, KEYPOINT_INDICES, N_KEYPOINTS, keypoint_slice
+from cogportrait.schema import (
+    AU_CHANNELS,
+    KEYPOINT_GROUPS,
+    KEYPOINT_INDICES,
+    N_KEYPOINTS,
+    keypoint_slice,
+)
 
 log = logging.getLogger("cogportrait.face.model")
 
-MODEL_VERSION = 1
+MODEL_VERSION = 2  # 2: nuisance regressors (NUISANCE_TERMS) after the pose terms; baselines carry their rest values
 # AU channels the per-frame basis models; AU41 moves the same lid points as AU45 and is
 # separated over time afterwards.
 FIT_AUS: tuple[str, ...] = tuple(c for c in AU_CHANNELS if c != "AU41")
 FIT_AU_INDEX: tuple[int, ...] = tuple(AU_CHANNELS.index(c) for c in FIT_AUS)
 GAZE_TERMS: tuple[str, ...] = ("gaze_horizontal", "gaze_vertical")
 POSE_TERMS: tuple[str, ...] = ("sin_yaw", "sin_pitch", "sin_roll")  # minus their rest values
-REGRESSORS: tuple[str, ...] = FIT_AUS + GAZE_TERMS + POSE_TERMS
+# MediaPipe blendshapes (subject's own left/right) that move the eye region without being a
+# control: known per frame, minus their rest values. cheekSquintLeft/Right, the cheek raiser itself,
+# would be the obvious choice, but MediaPipe never activates them (≤ 1e-4 on every frame we have);
+# the smile and the upper-lip raiser carry the cheek raise instead. Each pair lifted
+# leave-one-identity-out R² by ~0.01 and AU4L's correlation by 0.12-0.16 (README).
+NUISANCE_TERMS: tuple[str, ...] = ("mouthSmileLeft", "mouthSmileRight", "mouthUpperUpLeft", "mouthUpperUpRight")
+REGRESSORS: tuple[str, ...] = FIT_AUS + GAZE_TERMS + POSE_TERMS + NUISANCE_TERMS
 N_REG = len(REGRESSORS)
 N_DIMS = N_KEYPOINTS * 3
 
@@ -49,6 +70,36 @@ IRIS_DIMS = np.concatenate([group_dims("left_iris"), group_dims("right_iris")])
 NON_IRIS_DIMS = np.setdiff1d(np.arange(N_DIMS), IRIS_DIMS)
 
 
+def _dims_mirror() -> tuple[np.ndarray, np.ndarray]:
+    """The mirror image of a flat 62×3 vector as v'[j] = sign[j] · v[perm[j]]: x → −x, and every
+    point moved to its mirror twin's place (pose.MIRROR_KEYPOINTS; test_face_model checks the map
+    on a real face)."""
+    return (MIRROR_KEYPOINTS[:, None] * 3 + np.arange(3)).ravel(), np.tile([-1.0, 1.0, 1.0], N_KEYPOINTS)
+
+
+def _regressors_mirror() -> tuple[np.ndarray, np.ndarray]:
+    """The mirror image of a regressor vector: L/R channels (AU2L/AU2R, mouthSmileLeft/Right) swap,
+    horizontal gaze, yaw and roll flip sign."""
+    perm = np.arange(N_REG)
+    for name in REGRESSORS:
+        for left, right in (("L", "R"), ("Left", "Right")):
+            if name.endswith(left) and name[: -len(left)] + right in REGRESSORS:
+                i, j = REGRESSORS.index(name), REGRESSORS.index(name[: -len(left)] + right)
+                perm[i], perm[j] = j, i
+    sign = np.array([-1.0 if name in ("gaze_horizontal", "sin_yaw", "sin_roll") else 1.0 for name in REGRESSORS])
+    return perm, sign
+
+
+DIMS_MIRROR = _dims_mirror()
+REGRESSORS_MIRROR = _regressors_mirror()
+
+
+def mirror_basis(basis: np.ndarray) -> np.ndarray:
+    """The basis of the mirror-image face: B'[r, d] = s_r t_d B[p_r, q_d]. A symmetric fit gives B' = B."""
+    (q, t), (p, s) = DIMS_MIRROR, REGRESSORS_MIRROR
+    return s[:, None] * basis[np.ix_(p, q)] * t[None, :]
+
+
 @dataclass
 class Baseline:
     """An identity's neutral rest state: keypoints b, proxy rest values, lid geometry."""
@@ -61,6 +112,7 @@ class Baseline:
     iris_radius: np.ndarray  # 2, canonical units
     head_pose: np.ndarray = field(default_factory=lambda: np.zeros(3))  # rest yaw, pitch, roll (deg)
     n_rest_frames: int = 0
+    nuisance: np.ndarray = field(default_factory=lambda: np.zeros(len(NUISANCE_TERMS)))  # NUISANCE_TERMS at rest
 
 
 @dataclass
@@ -92,6 +144,30 @@ class ClipStats:
             self.dsq - 2 * delta * self.dsum + self.n * delta**2, self.xsum,
         )
 
+    def mirrored(self) -> ClipStats:
+        """The statistics of the same frames seen in a mirror (x' = S x, d' = M d, signed permutations).
+
+        Faces are close to mirror-symmetric, so adding every identity's mirror image doubles the
+        data of each lateral channel (AU2L learns from AU2R's frames) and makes the basis exactly
+        symmetric; the identity's own asymmetry stays in its baseline.
+        """
+        (q, t), (p, s) = DIMS_MIRROR, REGRESSORS_MIRROR
+        return ClipStats(
+            self.n,
+            s[:, None] * self.xtx[np.ix_(p, p)] * s[None, :],
+            s[:, None] * self.xtd[np.ix_(p, q)] * t[None, :],
+            t * self.dsum[q],
+            self.dsq[q],
+            s * self.xsum[p],
+        )
+
+    def scaled(self, weight: float) -> ClipStats:
+        """Every frame counted ``weight`` times (n becomes fractional): a prior's strength."""
+        return ClipStats(*(getattr(self, f) * weight for f in STAT_FIELDS))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f: np.asarray(getattr(self, f), dtype=np.float64) for f in STAT_FIELDS}
+
     @staticmethod
     def zero() -> ClipStats:
         return ClipStats(0, np.zeros((N_REG, N_REG)), np.zeros((N_REG, N_DIMS)), np.zeros(N_DIMS), np.zeros(N_DIMS), np.zeros(N_REG))
@@ -105,19 +181,24 @@ def pose_terms(head_pose: np.ndarray, baseline: Baseline) -> np.ndarray:
     return np.sin(np.radians(np.asarray(head_pose, dtype=np.float64))) - np.sin(np.radians(baseline.head_pose))
 
 
-def raw_features(au: np.ndarray, gaze_signed: np.ndarray, head_pose: np.ndarray) -> np.ndarray:
+def nuisance_terms(nuisance: np.ndarray, baseline: Baseline) -> np.ndarray:
+    """T x len(NUISANCE_TERMS): the nuisance blendshapes minus the identity's rest values."""
+    return np.asarray(nuisance, dtype=np.float64) - baseline.nuisance
+
+
+def raw_features(au: np.ndarray, gaze_signed: np.ndarray, head_pose: np.ndarray, nuisance: np.ndarray) -> np.ndarray:
     """T x R features before the rest values are subtracted (regressors = raw − rest)."""
-    return np.concatenate([au[:, list(FIT_AU_INDEX)], gaze_signed, np.sin(np.radians(head_pose))], axis=1)
+    return np.concatenate([au[:, list(FIT_AU_INDEX)], gaze_signed, np.sin(np.radians(head_pose)), nuisance], axis=1)
 
 
 def rest_features(baseline: Baseline) -> np.ndarray:
     """R rest values of raw_features for an identity."""
-    return np.concatenate([baseline.au[list(FIT_AU_INDEX)], baseline.gaze, np.sin(np.radians(baseline.head_pose))])
+    return np.concatenate([baseline.au[list(FIT_AU_INDEX)], baseline.gaze, np.sin(np.radians(baseline.head_pose)), baseline.nuisance])
 
 
-def regressors(au: np.ndarray, gaze_signed: np.ndarray, head_pose: np.ndarray, baseline: Baseline) -> np.ndarray:
-    """T x R design matrix: AU proxies, signed gaze and pose terms minus the identity's rest values."""
-    return raw_features(au, gaze_signed, head_pose) - rest_features(baseline)
+def regressors(au: np.ndarray, gaze_signed: np.ndarray, head_pose: np.ndarray, nuisance: np.ndarray, baseline: Baseline) -> np.ndarray:
+    """T x R design matrix: AU proxies, signed gaze, pose and nuisance terms minus the identity's rest values."""
+    return raw_features(au, gaze_signed, head_pose, nuisance) - rest_features(baseline)
 
 
 @dataclass
@@ -183,7 +264,12 @@ class LinearFaceModel:
 
     @property
     def basis_pose(self) -> np.ndarray:
-        return self.basis[len(FIT_AUS) + len(GAZE_TERMS) :]
+        start = len(FIT_AUS) + len(GAZE_TERMS)
+        return self.basis[start : start + len(POSE_TERMS)]
+
+    @property
+    def basis_nuisance(self) -> np.ndarray:
+        return self.basis[len(FIT_AUS) + len(GAZE_TERMS) + len(POSE_TERMS) :]
 
     @staticmethod
     def fit(stats: ClipStats, ridge: float, meta: dict | None = None) -> LinearFaceModel:
@@ -241,6 +327,7 @@ def save_baselines(path: str | Path, baselines: dict[str, Baseline]) -> None:
         "iris_radius": np.stack([baselines[i].iris_radius for i in ids]) if ids else np.zeros((0, 2)),
         "head_pose": np.stack([baselines[i].head_pose for i in ids]) if ids else np.zeros((0, 3)),
         "n_rest_frames": np.array([baselines[i].n_rest_frames for i in ids], dtype=np.int64),
+        "nuisance": np.stack([baselines[i].nuisance for i in ids]) if ids else np.zeros((0, len(NUISANCE_TERMS))),
     }
     with atomic_path(path, ".npz") as tmp:
         with open(tmp, "wb") as fh:
@@ -249,10 +336,13 @@ def save_baselines(path: str | Path, baselines: dict[str, Baseline]) -> None:
 
 def load_baselines(path: str | Path) -> dict[str, Baseline]:
     with np.load(path, allow_pickle=False) as z:
+        if "nuisance" not in z.files or z["nuisance"].shape[1:] != (len(NUISANCE_TERMS),):
+            raise ValueError(f"baselines in {path} predate face model version {MODEL_VERSION} (no rest values of "
+                             f"{', '.join(NUISANCE_TERMS)}); rerun invert")
         return {
             str(ident): Baseline(
                 str(ident), z["keypoints"][i], z["au"][i], z["gaze"][i], z["lid_above_iris"][i], z["iris_radius"][i],
-                z["head_pose"][i], int(z["n_rest_frames"][i]),
+                z["head_pose"][i], int(z["n_rest_frames"][i]), z["nuisance"][i],
             )
             for i, ident in enumerate(z["identity"])
         }
@@ -297,6 +387,7 @@ def estimate_baseline(
     lid: dict[str, np.ndarray],
     rest: np.ndarray,
     head_pose: np.ndarray | None = None,
+    nuisance: np.ndarray | None = None,
 ) -> Baseline:
     """Robust (median) rest state from the rest frames of all of an identity's clips."""
     if rest.sum() == 0:
@@ -312,4 +403,118 @@ def estimate_baseline(
         iris_radius=np.array([np.median(lid["iris_radius_left"][rest]), np.median(lid["iris_radius_right"][rest])]),
         head_pose=np.median(head_pose[rest], axis=0) if head_pose is not None else np.zeros(3),
         n_rest_frames=int(rest.sum()),
+        nuisance=np.median(nuisance[rest], axis=0) if nuisance is not None else np.zeros(len(NUISANCE_TERMS)),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The shipped generic face model: a prior for datasets with few clips or identities
+# ----------------------------------------------------------------------------------------------
+GENERIC_VERSION = 2  # 2: face model version 2 (nuisance regressors)
+GENERIC_FOLDER = Path(__file__).parent / "generic"  # shipped with the package (pyproject package-data)
+SHIPPED = "shipped"  # InvertConfig.generic_model's word for GENERIC_FOLDER
+
+
+def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """Content hash of named arrays (names, dtypes, shapes, bytes): independent of the npz container."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class GenericFaceModel:
+    """A face model fitted on many identities, kept as *per-identity* sufficient statistics.
+
+    ``stats[i]`` are identity i's ridge statistics under its own baseline (not mirrored), so a
+    dataset's fit can add any subset of them as a prior and drop an identity exactly, e.g. one
+    that is also in the dataset or the one held out by leave-one-identity-out. ``model`` is the
+    basis of all of them (loadable like any invert ``face_model/``), ``average`` their mean rest
+    state: the baseline for a face with no frames of its own.
+    """
+
+    model: LinearFaceModel
+    stats: dict[str, ClipStats]
+    baselines: dict[str, Baseline]
+    average: Baseline
+    clips: dict[str, list[str]]  # identity -> the clip ids its statistics come from
+    meta: dict = field(default_factory=dict)
+
+    def prior(self, exclude_identities: set[str], exclude_clips: set[str], frames: float) -> tuple[ClipStats, list[str]]:
+        """The statistics of every identity not excluded (by name, or by sharing a clip), scaled so
+        that they count as ``frames`` frames; and the identities used."""
+        used = [i for i in sorted(self.stats) if i not in exclude_identities and not exclude_clips.intersection(self.clips.get(i, ()))]
+        total = ClipStats.zero()
+        for i in used:
+            total = total + self.stats[i]
+        if total.n <= 0 or frames <= 0:
+            return ClipStats.zero(), []
+        return total.scaled(frames / total.n), used
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        ids = sorted(self.stats)
+        out = {"identity": np.array(ids, dtype=str), "basis": self.model.basis.astype(np.float64)}
+        for f in STAT_FIELDS:
+            out[f"stats_{f}"] = np.stack([np.asarray(getattr(self.stats[i], f), dtype=np.float64) for i in ids])
+        return out
+
+    def save(self, folder: str | Path) -> str:
+        """model.json/model.npz/baselines.npz (a face model folder), average_baseline.npz,
+        generic.npz (per-identity statistics) and generic.json (version, fitting set, content hash).
+        Returns the content hash."""
+        folder = Path(folder)
+        self.model.save(folder, self.baselines)
+        save_baselines(folder / "average_baseline.npz", {self.average.identity: self.average})
+        arrays = self.arrays()
+        with atomic_path(folder / "generic.npz", ".npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+        digest = generic_content_sha256(folder)
+        write_json(folder / "generic.json", {
+            "version": GENERIC_VERSION, "kind": "generic", "content_sha256": digest,
+            "regressors": list(REGRESSORS), "keypoint_indices": list(KEYPOINT_INDICES),
+            "identities": {i: {"clips": sorted(self.clips.get(i, [])), "frames": int(round(self.stats[i].n))} for i in sorted(self.stats)},
+            **self.meta,
+        })
+        return digest
+
+    @staticmethod
+    def load(folder: str | Path) -> GenericFaceModel:
+        folder = Path(folder)
+        if not (folder / "generic.json").is_file():
+            raise FileNotFoundError(f"no generic face model at {folder} (make one with `cogportrait face fit-generic`)")
+        info = json.loads((folder / "generic.json").read_text())
+        if info.get("version") != GENERIC_VERSION:
+            raise ValueError(f"generic face model version {info.get('version')} in {folder}; this code reads {GENERIC_VERSION}")
+        if tuple(info["regressors"]) != REGRESSORS or tuple(info["keypoint_indices"]) != KEYPOINT_INDICES:
+            raise ValueError(f"generic face model in {folder} has a different layout (regressors or keypoints)")
+        digest = generic_content_sha256(folder)
+        if digest != info.get("content_sha256"):
+            raise ValueError(f"generic face model in {folder}: content sha256 {digest} != {info.get('content_sha256')} in generic.json")
+        model = LinearFaceModel.load(folder)
+        with np.load(folder / "generic.npz", allow_pickle=False) as z:
+            ids = [str(i) for i in z["identity"]]
+            stats = {i: ClipStats(*(z[f"stats_{f}"][k] for f in STAT_FIELDS)) for k, i in enumerate(ids)}
+        [average] = load_baselines(folder / "average_baseline.npz").values()
+        clips = {i: list(v.get("clips", [])) for i, v in info.get("identities", {}).items()}
+        meta = {k: v for k, v in info.items() if k not in ("version", "kind", "content_sha256", "regressors", "keypoint_indices", "identities")}
+        return GenericFaceModel(model, stats, load_baselines(folder / "baselines.npz"), average, clips, meta)
+
+
+def generic_content_sha256(folder: Path) -> str:
+    """One hash over every array of a generic model folder (basis, statistics, baselines)."""
+    arrays: dict[str, np.ndarray] = {}
+    for name in ("model.npz", "generic.npz", "baselines.npz", "average_baseline.npz"):
+        with np.load(folder / name, allow_pickle=False) as z:
+            arrays.update({f"{name}:{k}": z[k] for k in z.files})
+    return arrays_sha256(arrays)
+
+
+def resolve_generic(path: str) -> Path | None:
+    """InvertConfig.generic_model -> a folder: "shipped" is the package's own, "" none."""
+    if not path:
+        return None
+    return GENERIC_FOLDER if path == SHIPPED else Path(path)

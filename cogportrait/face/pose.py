@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cogportrait.schema import KEYPOINT_GROUPS, KEYPOINT_INDICES, MIRROR_KEYPOINT_GROUP_PAIRS, keypoint_slice
+from cogportrait.schema import KEYPOINT_GROUPS, KEYPOINT_INDICES, MIRROR_KEYPOINT_GROUP_PAIRS, N_KEYPOINTS, keypoint_slice
 
 # Rigid anchors: nose bridge, forehead midline, temples. Never eyes or brows (they move with AUs).
 RIGID_ANCHORS: tuple[int, ...] = (168, 6, 197, 195, 5, 4, 10, 151, 9, 8, 127, 356, 162, 389, 139, 368)
@@ -102,13 +102,32 @@ def inter_ocular(kp: np.ndarray) -> np.ndarray:
     return np.linalg.norm(left - right, axis=-1)
 
 
-def mirror_keypoint_groups(kp: np.ndarray) -> np.ndarray:
-    """Swap every left/right keypoint group (…x62xC); the contours are listed in matching order."""
-    out = np.array(kp, copy=True)
+# Within-group order of each point's mirror twin. The eye and brow contours are listed in mirrored
+# order (left outer corner ↔ right outer corner, ...); the iris points are not: MediaPipe numbers
+# both irises centre, +x, +y, −x, −y in image terms, so the mirror twin of the left iris's +x
+# point (474, lateral) is the right iris's −x point (471, lateral), and 476 pairs with 469.
+MIRROR_GROUP_ORDER: dict[str, tuple[int, ...]] = {"left_iris": (0, 3, 2, 1, 4), "right_iris": (0, 3, 2, 1, 4)}
+
+
+def _mirror_keypoints() -> np.ndarray:
+    """The 62-point permutation m with m[j] = the position of keypoint j's mirror twin (an involution)."""
+    twin = np.arange(N_KEYPOINTS)
     for a, b in MIRROR_KEYPOINT_GROUP_PAIRS:
         sa, sb = keypoint_slice(a), keypoint_slice(b)
-        out[..., sa, :], out[..., sb, :] = kp[..., sb, :], kp[..., sa, :]
-    return out
+        twin[sa] = sb.start + np.asarray(MIRROR_GROUP_ORDER.get(a, range(sb.stop - sb.start)))
+        twin[sb] = sa.start + np.asarray(MIRROR_GROUP_ORDER.get(b, range(sa.stop - sa.start)))
+    return twin
+
+
+MIRROR_KEYPOINTS = _mirror_keypoints()
+
+
+def mirror_keypoint_groups(kp: np.ndarray) -> np.ndarray:
+    """Put every keypoint (…x62xC) in its mirror twin's place: left/right groups swap, each point
+    landing on its twin (iris points included), so that after an x reflection "left" is the
+    subject's left again and the mirror of a symmetric face is that face. Applying it twice is
+    the identity."""
+    return np.array(np.asarray(kp)[..., MIRROR_KEYPOINTS, :], copy=True)
 
 
 def normalise_points(
@@ -221,6 +240,7 @@ def lid_features(canon: np.ndarray) -> dict[str, np.ndarray]:
 
 __all__ = [
     "KEYPOINT_GROUPS",
+    "MIRROR_KEYPOINTS",
     "NORMALISE_INDICES",
     "RIGID_ANCHORS",
     "canonical_clip",
