@@ -60,7 +60,7 @@ class CurateConfig:
     text_candidates: int = 48  # frames a shot holds for the text filter (JPEG), however long the shot
     text_candidate_s: float = 0.4  # their spacing until a long shot's exceed text_candidates (then doubled)
     # text filter: captions and tickers are rejected, logos and scene text kept (filters.py)
-    text_frames: int = 4  # frames per span the track pass keeps for the text step
+    text_frames: int = 4  # frames per span the scan keeps for the text step
     text_det_side_px: int = 320  # frame height (px) at which the bands are scanned (bench/text_filter.py: the knee)
     text_band_top: float = 0.2  # share of the frame height scanned at the top
     text_band_bottom: float = 0.3  # share of the frame height scanned at the bottom

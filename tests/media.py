@@ -370,7 +370,7 @@ def shake(amplitude: float = 0.03, seed: int = 0) -> Transform:
 
 
 def spread_frames(src: Path, count: int, transform: Transform | None = None) -> dict[int, np.ndarray]:
-    """``count`` frames spread evenly over a clip (as the track pass spreads a span's text
+    """``count`` frames spread evenly over a clip (as the scan spreads a span's text
     frames), each through ``transform`` with its frame index: a variant's sampled frames
     without encoding the whole variant."""
     from cogportrait.io.video import read_frames_at

@@ -25,11 +25,12 @@ from cogportrait.curate.journal import Journal, settings_key
 from pipelines.curate import run
 
 SAMPLE = Path(__file__).resolve().parents[1] / "datasets" / "sample"
-VIDEOS = [  # (video_id, file): short real clips, one of them twice under another id
-    ("d0", "lp_d0_man_greenscreen_gaze_blink.mp4"),
+# short real clips (one clip each), one of them under several ids: more spans than one crop task
+# takes (pipelines/curate.py SPANS), so the first videos finish while the others still run
+VIDEOS = [
+    *((f"d0_{k}", "lp_d0_man_greenscreen_gaze_blink.mp4") for k in range(6)),
     ("d20", "lp_d20_man_talking_outdoor_audio.mp4"),
     ("tpsmm", "tpsmm_driving_man_talking.mp4"),
-    ("d0_again", "lp_d0_man_greenscreen_gaze_blink.mp4"),
 ]
 
 
@@ -124,7 +125,7 @@ def test_journal_entries_follow_the_file_and_the_settings(tmp_path, ray_session)
     assert run(cfg)["videos_resumed"] == 0
     # an entry whose clip file is gone is not trusted
     next((tmp_path / "out" / "clips").glob("*.mp4")).unlink()
-    assert Journal(tmp_path / "out" / "journal", cfg).load("d0", str(video), tmp_path / "out") is None
+    assert Journal(tmp_path / "out" / "journal", cfg).load(VIDEOS[0][0], str(video), tmp_path / "out") is None
     assert run(cfg)["videos_resumed"] == 0
     assert len(list((tmp_path / "out" / "clips").glob("*.mp4"))) == 1
 

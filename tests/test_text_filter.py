@@ -2,7 +2,7 @@
 with the real RapidOCR detector and the job's MediaPipe face boxes: captions and tickers are
 rejected, logos, name plates and scene text (still, shaken, hidden by the head) are kept, each
 with the kind of text it shows. Only the sampled frames are built (no video encoding), passed
-through JPEG as the track pass hands them over."""
+through JPEG as the scan hands them over."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def models():
 
 
 def run_text_step(frames: dict, cfg: CurateConfig, detector: TextDetector, tracker: FaceTracker) -> dict:
-    """``text_step`` on a span row holding ``frames`` as the track pass leaves them: JPEGs, and
+    """``text_step`` on a span row holding ``frames`` as the scan leaves them: JPEGs, and
     the face box of each frame where exactly one dominant face is found."""
     row = new_row({"video_id": "v", "manifest_row": 0})
     row["text_frames"], row["text_jpegs"] = encode_frames(frames)

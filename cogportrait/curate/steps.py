@@ -53,7 +53,7 @@ ROW_DEFAULTS: Row = {
     "scene_index": -1, "start_frame": -1, "end_frame": -1, "start_s": NAN, "end_s": NAN, "times": [],
     # face track: usable samples (source frame, face box x0, y0, x1, y1 px)
     "track_frames": [], "track_boxes": [],
-    # frames kept by the track pass for the text step (source index, JPEG); emptied by it
+    # frames kept by the scan for the text step (source index, JPEG); emptied by it
     "text_frames": [], "text_jpegs": [],
     "face_size_px": NAN, "face_score": NAN, "face_coverage": NAN,
     "sharpness": NAN, "brightness": NAN, "motion_score": NAN, "head_speed": NAN, "text_score": NAN,
@@ -285,7 +285,7 @@ def text_step(row: Row, cfg: CurateConfig, detector: TextDetector) -> Row:
     """1:1. Captions and tickers in the top and bottom bands of a few frames spread over the
     span (rule in filters.py); records ``text_score`` and ``text_kind`` on every span it sees.
 
-    Uses the frames the track pass kept; decodes only when none of them fell in this span.
+    Uses the frames the scan kept; decodes only when none of them fell in this span.
     """
     if rejected(row):
         return row

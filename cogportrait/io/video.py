@@ -149,7 +149,7 @@ def iter_frames(
     """Yield (frame index, HxWx3 array) for frames in [start_frame, end_frame), every ``step``-th.
 
     ``times`` are the decoded timestamps of frames start_frame, start_frame + 1, ... (from a
-    full pass, see the scenes step); with them indices are exact for variable frame rates.
+    full pass, see the scan step); with them indices are exact for variable frame rates.
     Seeks near ``start_frame`` first; ``width`` rescales inside FFmpeg (cheap) keeping aspect.
     Only selected frames are converted to arrays, upright (a display rotation is applied). One
     decoder thread by default: a pipeline runs one worker per core, and threads only add
