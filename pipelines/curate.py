@@ -134,7 +134,7 @@ class Totals:
         self.seconds_run: dict[str, float] = {}  # the videos this job ran (not resumed)
         self.frames_in: dict[str, int] = {}
         self.seconds_out = 0.0
-        self.clip_chunks: list[pa.Table] = []
+        self.clip_chunks: list[pa.Table] = [CLIPS_SCHEMA.empty_table()]  # concat needs one table
         self.reject_recs: list[Row] = []
 
     def add(self, video_id: str, clips: pa.Table, rejects: list[Row], summary: dict, timers: dict | None = None) -> None:
@@ -187,10 +187,10 @@ def run(cfg: CurateConfig, fresh: bool = False) -> dict:
     log.info("manifest %s: %d rows usable, %d rejected", cfg.manifest, len(valid), len(manifest_rejects))
     journal = Journal(out_dir / "journal", cfg)
     totals = Totals()
-    totals.add("", CLIPS_SCHEMA.empty_table(), [
-        {"video_id": r.video_id, "stage": "manifest", "reason": r.reason, "detail": r.detail, "manifest_row": r.manifest_row, "path": r.path}
-        for r in manifest_rejects
-    ], {"duration_s": None})
+    for r in manifest_rejects:  # never reach Ray: no clips, no video seconds
+        totals.reject_recs.append({"video_id": r.video_id, "stage": "manifest", "reason": r.reason, "detail": r.detail,
+                                   "manifest_row": r.manifest_row, "path": r.path})
+        totals.counts[f"manifest/{r.reason}"] += 1
     todo = []
     for r in valid:
         entry = None if fresh else journal.load(r["video_id"], r["path"], out_dir)

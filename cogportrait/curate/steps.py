@@ -263,8 +263,12 @@ def pick_spread(available: list[int], start: int, end: int, count: int) -> list[
     inside = np.asarray([i for i in available if start <= i < end], dtype=np.int64)
     if len(inside) == 0:
         return []
-    targets = start + (np.arange(count) + 0.5) * (end - start) / count
-    return sorted({int(inside[np.argmin(np.abs(inside - t))]) for t in targets})
+    return sorted({int(inside[np.argmin(np.abs(inside - t))]) for t in spread_points(start, end, count)})
+
+
+def spread_points(start: int, end: int, count: int) -> np.ndarray:
+    """``count`` frame positions evenly spread over [start, end): the middles of equal parts."""
+    return start + (np.arange(count) + 0.5) * (end - start) / count
 
 
 def _attach_track(row: Row, samples: list, frame_period: float) -> None:
@@ -316,8 +320,8 @@ def text_step(row: Row, cfg: CurateConfig, detector: TextDetector) -> Row:
 
 def _decode_text_frames(row: Row, count: int) -> dict[int, np.ndarray]:
     info, times = video_info(row), span_times(row)
-    start, n = row["start_frame"], row["end_frame"] - row["start_frame"]
-    wanted = sorted({start + int((k + 0.5) * n / count) for k in range(count)})
+    start = row["start_frame"]
+    wanted = sorted({int(p) for p in spread_points(start, row["end_frame"], count)})
     got = {}
     for idx, rgb in iter_frames(row["path"], info, wanted[0], wanted[-1] + 1, times=times[wanted[0] - start :]):
         if idx in wanted:
