@@ -7,7 +7,7 @@ import pytest
 
 from cogportrait.config import ConfigError, CurateConfig
 from cogportrait.curate.crop import crop_track
-from cogportrait.curate.filters import TextSample, line_boxes, pair_verdict, quality_decision, text_decision
+from cogportrait.curate.filters import TextSample, caption_possible, line_boxes, pair_verdict, quality_decision, text_decision
 from cogportrait.curate.manifest import ManifestError, read_manifest
 from cogportrait.curate.spans import Span, apply_duration_limits, segment_face_runs
 from cogportrait.curate.text import band_layout, stack_bands
@@ -189,6 +189,21 @@ def test_text_decision_names_the_most_intrusive_kind():
     assert text_decision(ticker, lay, cfg)[3] == "ticker"
     assert text_decision([], None, cfg) == (True, "", 0.0, "none", "")
     assert text_decision([_sample(0, [], seed=0)] * 2, lay, cfg)[3] == "none"
+
+
+def test_the_text_step_stops_only_when_no_caption_is_possible():
+    cfg, lay = CurateConfig(), band_layout(512, 512, 576, 0.2, 0.3)
+    y = lay.bottom_offset + 140
+    clean = [_sample(10 * k, [], seed=k) for k in range(4)]
+    assert caption_possible(clean[:2], 4, cfg)  # the last two could still hold a caption (2 of 4)
+    assert not caption_possible(clean[:3], 4, cfg)  # one left: at most 1 of 4
+    lined = [_sample(0, [("and that is why", 180, y)], seed=0)] + clean[1:]
+    assert caption_possible(lined[:3], 4, cfg)
+    # stopping never changes the verdict: every way of completing the examined samples keeps the span
+    fills = [_sample(30, [("we always check", 180, y)], seed=9), _sample(30, [("CP24", 480, 60)], seed=9), clean[3]]
+    for fill in fills:
+        assert text_decision(clean[:3] + [fill], lay, cfg).keep
+    assert text_decision(clean[:3], lay, cfg).keep
 
 
 def test_dark_faces_are_underexposed_not_blurry():

@@ -22,7 +22,9 @@ import pyarrow as pa
 
 from cogportrait.config import CurateConfig
 from cogportrait.curate.crop import crop_track, write_cropped_clip
-from cogportrait.curate.filters import TextSample, line_boxes, motion_decision, quality_decision, text_decision
+from cogportrait.curate.filters import (
+    TextSample, caption_possible, line_boxes, motion_decision, quality_decision, text_decision,
+)
 from cogportrait.curate.scan import Shot, VideoScan, scan_video
 from cogportrait.curate.spans import Span, apply_duration_limits, segment_face_runs, span_seconds
 from cogportrait.curate.text import TextDetector, decode_frames, stack_bands
@@ -289,7 +291,8 @@ def text_step(row: Row, cfg: CurateConfig, detector: TextDetector) -> Row:
     """1:1. Captions and tickers in the top and bottom bands of a few frames spread over the
     span (rule in filters.py); records ``text_score`` and ``text_kind`` on every span it sees.
 
-    Uses the frames the scan kept; decodes only when none of them fell in this span.
+    Uses the frames the scan kept; decodes only when none of them fell in this span. Stops
+    detecting once no caption is possible (``caption_possible``).
     """
     if rejected(row):
         return row
@@ -305,6 +308,8 @@ def text_step(row: Row, cfg: CurateConfig, detector: TextDetector) -> Row:
     sample_frames, boxes = track_arrays(row)
     layout, samples = None, []
     for idx, rgb in sorted(frames.items()):
+        if not caption_possible(samples, len(frames), cfg):
+            break
         layout = layout or detector.layout(rgb.shape[1], rgb.shape[0], cfg.text_band_top, cfg.text_band_bottom)
         face = tuple(boxes[int(np.argmin(np.abs(sample_frames - idx)))]) if len(sample_frames) else None
         stack = stack_bands(rgb, layout)
