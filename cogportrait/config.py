@@ -591,6 +591,28 @@ class Stage1EvalConfig:
         _check_range("max_clips", self.max_clips, 0)
 
 
+IDENTITY_BACKENDS = ("none", "arcface", "dlib")
+
+
+@dataclass(frozen=True)
+class VideoEvalConfig:
+    """Generated videos scored against reference videos (``cogportrait evaluate videos``; paper Table 2)."""
+
+    generated: str = "data/eval/generated/requests"  # <case_id>.mp4 or <case_id>/video.mp4 (generate's layout) per case
+    reference: str = "data/eval/emh/reference"  # <case_id>.mp4 per case
+    out: str = "data/eval/videos"  # metrics.json, report.json, table.md, chart.png, rejects.parquet
+    annotations: str = "datasets/emh/annotations.yaml"  # EMH cases: category, prompt, events; "" = none
+    clips: str = "data/curate/clips.parquet"  # ``evaluate cases``: the curated clip of each case (video_id = case_id)
+    cases_out: str = "data/eval/emh"  # ``evaluate cases``: requests.parquet, reference/, portraits/, audio/
+    identity_backend: str = "arcface"  # none | arcface | dlib (ID-Sim; skipped with its reason when it cannot run)
+    arcface_dir: str = ""  # a local insightface model pack (e.g. buffalo_l); "" = ID-Sim skipped
+    id_frames: int = 8  # generated frames embedded for ID-Sim, evenly spread over its face frames
+
+    def __post_init__(self) -> None:
+        _check_choice("identity_backend", self.identity_backend, IDENTITY_BACKENDS)
+        _check_range("id_frames", self.id_frames, 1)
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
     """Batch generation (``cogportrait generate``): a requests table -> Stage 1 -> Stage 2 -> mp4 per request.
@@ -732,8 +754,9 @@ STAGE_CONFIGS: dict[str, type] = {
     "compile": CompileConfig,
     "evaluate_stage1": Stage1EvalConfig,
     "generate": GenerateConfig,
+    "evaluate_videos": VideoEvalConfig,
 }
 __all__ = [
-    "COMPILE_BACKENDS", "CompileConfig", "ConfigError", "CriticConfig", "CurateConfig", "OpenAIConfig", "Stage1EvalConfig", "EventsConfig", "ExtractConfig", "GenerateConfig", "IndexConfig", "InversionSettings", "InvertConfig", "KtoConfig", "KtoNegativesConfig",
+    "COMPILE_BACKENDS", "CompileConfig", "ConfigError", "CriticConfig", "CurateConfig", "OpenAIConfig", "Stage1EvalConfig", "VideoEvalConfig", "EventsConfig", "ExtractConfig", "GenerateConfig", "IndexConfig", "InversionSettings", "InvertConfig", "KtoConfig", "KtoNegativesConfig",
     "PrototypesConfig", "RestSettings", "STAGE_CONFIGS", "from_mapping", "load_params", "load_section", "parse_value",
     "set_dotted"]

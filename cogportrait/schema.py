@@ -114,7 +114,7 @@ AUDIO_SAMPLE_RATE = 16_000
 REJECT_STAGES: tuple[str, ...] = (
     "manifest", "probe", "scenes", "face_track", "text", "quality", "motion", "crop",
     "extract", "invert", "prototypes", "kto", "kto_negatives",
-    "generate",
+    "generate", "evaluate",
 )
 REJECT_REASONS: dict[str, str] = {
     "invalid_row": "a manifest row lacks an id or path, or has an unreadable value",
@@ -147,6 +147,9 @@ REJECT_REASONS: dict[str, str] = {
     "unreadable_instruction": "the instruction grammar cannot read an instruction",
     "unplannable": "the planner cannot honour the request (e.g. an instruction timed past the end)",
     "unalignable": "the compiled keypoints cannot be warped onto the portrait's detected face",
+    # cogportrait evaluate videos (a generated or reference video; decode_error, no_frames, no_face also apply)
+    "no_reference": "a generated video has no reference video of the same name",
+    "not_generated": "a reference video (or an annotated case) has no generated video of the same name",
 }
 REJECT_REASON_NAMES: tuple[str, ...] = tuple(REJECT_REASONS)
 

@@ -33,6 +33,8 @@ from cogportrait.face.au_backends import AUBackendError
 from cogportrait.face.model_files import ModelFileError
 from cogportrait.face.reference import ReferencePortraitError
 from cogportrait.io.video import VideoError
+from cogportrait.metrics.emh import AnnotationError
+from cogportrait.metrics.identity import IdentityBackendError
 from cogportrait.schema import TableError
 from prototype_store.errors import LibraryError
 from prototype_store.retrieval import TargetError, UnknownChannelError
@@ -46,7 +48,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, ManifestError, ModelFileError, VideoError, TableError, LibraryError, TargetError, UnknownChannelError,
     AUBackendError, FileNotFoundError, UnknownCategoryError, CategoryTableError, InstructionError, VocabularyError,
     PlanningError, ReferencePortraitError, CompileInputError, SampleInputError, AlignmentError,
-    TrainingDataError,
+    TrainingDataError, AnnotationError, IdentityBackendError,
 )
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -195,6 +197,12 @@ def run_library_show(cfg: Configs, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_library_report(cfg: Configs, args: argparse.Namespace) -> dict:
+    from prototype_store.report import write_library_report
+
+    return write_library_report(args.library_pos, args.out, limit=args.limit)
+
+
 def run_kto_mine(cfg: Configs, args: argparse.Namespace) -> dict:
     from pipelines.kto import run
 
@@ -309,12 +317,36 @@ def run_models_check(cfg: Configs, args: argparse.Namespace) -> dict:
     return {"face_detector": str(face_detector_path()), "face_landmarker": str(face_landmarker_path())}
 
 
+def run_doctor(cfg: Configs, args: argparse.Namespace) -> int:
+    from pipelines.doctor import exit_code, format_table, run_checks
+
+    checks = run_checks(args.params)
+    if args.json:
+        json.dump([c.to_dict() for c in checks], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_table(checks))
+    return exit_code(checks)
+
+
 def run_compile(cfg: Configs, args: argparse.Namespace) -> dict:
     from pipelines.compile import CompileArgs, run
 
     return run(cfg["compile"], cfg["invert"].events, extract_cfg=cfg["extract"], crop_scale=cfg["curate"].crop_scale, args=CompileArgs(
         label=args.label, instructions=tuple(args.instruction or ()), duration_s=args.duration, audio=args.audio,
         reference=args.reference, out=args.out, base_url=args.base_url, model=args.model, identity=args.identity))
+
+
+def run_evaluate_cases(cfg: Configs, args: argparse.Namespace) -> dict:
+    from pipelines.evaluate_videos import prepare_cases
+
+    return prepare_cases(cfg["evaluate_videos"], cfg["compile"])
+
+
+def run_evaluate_videos(cfg: Configs, args: argparse.Namespace) -> dict:
+    from pipelines.evaluate_videos import run
+
+    return run(cfg["evaluate_videos"], cfg["compile"], cfg["extract"], cfg["invert"])
 
 
 def run_evaluate_stage1(cfg: Configs, args: argparse.Namespace) -> dict:
@@ -430,6 +462,15 @@ VERBS: dict[str, Verb] = {
          Option(("--plot",), "write a PNG of the channels over time"),
          Option(("--arrays",), "include controls and keypoints", kwargs={"action": "store_true"})),
     ),
+    "library report": Verb(
+        "a static HTML page to browse the library (counts, one card per prototype with its channel plot and "
+        "animated keypoints, label / event type filters; works offline from file://)", run_library_report, (),
+        (Option(("library_pos",), "library folder", kwargs={"metavar": "LIB"}),
+         Option(("--out",), "report folder (index.html + assets/); replaced as a whole, so new, empty or an earlier report",
+                kwargs={"required": True}),
+         Option(("--limit",), "at most this many prototype cards, spread over event types and labels (default: all)",
+                kwargs={"type": int})),
+    ),
     "kto mine": Verb(
         "mine desirable boundary-case windows (3-5 s) from real clips (Ray Data job)", run_kto_mine, ("kto_mine",),
         (*(_set("kto_mine", k, f"--{k}", h) for k, h in UPSTREAM.items()),
@@ -488,6 +529,23 @@ VERBS: dict[str, Verb] = {
          _set("evaluate_stage1", "out", "--out", "output folder (report.json, table.md, metrics.json)"),
          _set("evaluate_stage1", "max_clips", "--max-clips", "evaluate only the first N clips (0 = all)")),
     ),
+    "evaluate cases": Verb(
+        "EMH cases of the annotation file -> reference clips, portraits, audio and a requests table for generate",
+        run_evaluate_cases, ("evaluate_videos", "compile"),
+        (_set("evaluate_videos", "annotations", "--annotations", "EMH annotation file"),
+         _set("evaluate_videos", "clips", "--clips", "curated clips.parquet whose video_ids are the case ids"),
+         _set("evaluate_videos", "cases_out", "--out", "output folder (requests.parquet, reference/, portraits/, audio/)")),
+    ),
+    "evaluate videos": Verb(
+        "generated videos against reference videos, both re-extracted: AU-F1, AU-Temp, Eye-LMD, ID-Sim "
+        "(the paper's Table 2, per EMH category and overall)",
+        run_evaluate_videos, ("evaluate_videos", "compile", "extract", "invert"),
+        (_set("evaluate_videos", "generated", "--generated", "folder of generated videos (<case_id>.mp4)"),
+         _set("evaluate_videos", "reference", "--reference", "folder of reference videos (<case_id>.mp4)"),
+         _set("evaluate_videos", "out", "--out", "output folder (metrics.json, report.json, table.md, chart.png, rejects.parquet)"),
+         _set("evaluate_videos", "annotations", "--annotations", "EMH annotation file (\"\" = none: every case unlabelled)"),
+         _set("evaluate_videos", "arcface_dir", "--arcface-dir", "local insightface model pack for ID-Sim (e.g. buffalo_l)")),
+    ),
     "train": Verb(
         "Stage 2: fine-tune PortraitDiT with flow matching on Ray Train (resumes from the latest checkpoint)",
         run_train, (),
@@ -523,9 +581,14 @@ VERBS: dict[str, Verb] = {
          _workers("generate")),
     ),
     "models check": Verb("verify the sha256 of every bundled model file", run_models_check),
+    "doctor": Verb(
+        "report which parts of the installation are present and what each enables (exit 1: a required part is missing)",
+        run_doctor, (),
+        (Option(("--json",), "stdout: exactly one JSON list of checks (name, required, ok, detail, enables)",
+                kwargs={"action": "store_true"}),)),
 }
 GROUP_HELP = {
-    "library": "the prototype library: build, query, stats, show",
+    "library": "the prototype library: build, query, stats, show, report",
     "kto": "KTO preference data",
     "face": "face-model utilities",
     "models": "local model files",

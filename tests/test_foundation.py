@@ -116,7 +116,8 @@ def _stage_modules() -> dict[str, str]:
     """DVC stage -> the module its command runs (the verb's pipeline, or the index build)."""
     return {"curate": "pipelines.curate", "extract": "pipelines.extract", "invert": "pipelines.invert",
             "prototypes": "pipelines.prototypes", "index": "prototype_store.index", "kto_mine": "pipelines.kto", "kto_negatives": "pipelines.kto_negatives",
-            "evaluate_stage1": "pipelines.evaluate_stage1", "train_stage2": "training.recipes.flow_matching", "train_kto": "training.recipes.kto"}
+            "evaluate_stage1": "pipelines.evaluate_stage1", "train_stage2": "training.recipes.flow_matching", "train_kto": "training.recipes.kto",
+            "emh_cases": "pipelines.evaluate_videos", "generate_emh": "pipelines.generate", "evaluate_videos": "pipelines.evaluate_videos"}
 
 
 def test_dvc_stage_deps_cover_the_code_each_stage_runs():

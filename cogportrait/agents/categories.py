@@ -154,6 +154,7 @@ class Category(StrictModel):
 
     name: str = ""  # filled from the mapping key on load
     aliases: list[str] = Field(default_factory=list)
+    prompt: str = ""  # the text prompt EMH pairs with the category's cases (datasets/emh/README.md)
     target_aus: list[str] = Field(min_length=1)
     allow: list[str] = Field(default_factory=list)
     blink: BlinkSpec
