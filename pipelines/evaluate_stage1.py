@@ -139,4 +139,7 @@ def run(cfg: Stage1EvalConfig, compile_cfg: CompileConfig, events_cfg: EventsCon
         tmp.write_text(markdown(summary))
     write_json(out / "metrics.json", {v: {k: round(x, 4) if isinstance(x, float) else x for k, x in row.items()}
                                       for v, row in summary["variants"].items()})
+    with atomic_path(out / "ablation.csv", ".csv") as tmp:  # the table as `dvc plots show` draws it
+        tmp.write_text("variant,au_f1,au_temp,eye_lmd\n" + "".join(
+            f"{variant},{row['au_f1']:.4f},{row['au_temp']:.4f},{row['eye_lmd']:.4f}\n" for variant, row in summary["variants"].items()))
     return {"clips": len(per_clip), "seconds": round(time.perf_counter() - t0, 2), **summary}

@@ -5,6 +5,8 @@
 * ``contact_sheet.png``: the first frame of every curated clip, with its video id;
 * ``channels.png``: one prototype's 17 channels (``prototype_store.plot``);
 * ``keypoints.gif``: the same prototype's 62 eye-region keypoints, animated (``prototype_store.preview``);
+* ``compiled.gif``: Stage 1's preview of a compiled request (the EMH drowsiness case, ``generate_emh``),
+  every 10th frame at 160 px;
 * ``eval_chart.png``: ``evaluate videos``' chart of the EMH cases scored against themselves and, for
   one case, against another person's clip (the harness's own check; the DAG's chart scores the
   generated videos).
@@ -48,6 +50,14 @@ def contact_sheet(clips: pl.DataFrame, root: Path, out: Path, columns: int = 5) 
     cv2.imwrite(str(out), np.vstack(rows))
 
 
+def compiled_gif(preview: Path, out: Path, every: int = 10, side: int = 160) -> None:
+    from PIL import Image
+
+    frames = [Image.fromarray(cv2.resize(rgb, (side, side), interpolation=cv2.INTER_AREA))
+              for idx, rgb in iter_clip_frames(preview) if idx % every == 0]
+    frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:], duration=every * 40, loop=0)
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     clips = pl.read_parquet(REPO / "data" / "curate" / "clips.parquet")
@@ -57,6 +67,8 @@ def main() -> None:
     [match] = store.query({"AU45L": 1.0, "AU45R": 1.0}, event_type="blink", k=1)
     plot_prototype(match, OUT / "channels.png")
     write_keypoint_gif(np.asarray(match.keypoints), OUT / "keypoints.gif")
+
+    compiled_gif(REPO / "data/eval/generated/requests/lp_d3/stage1/preview.mp4", OUT / "compiled.gif")
 
     with tempfile.TemporaryDirectory() as tmp:
         gen, ref = Path(tmp) / "generated", Path(tmp) / "reference"
