@@ -223,14 +223,12 @@ def check_dlib(params_path: str | Path) -> Check:
 
 
 def llm_base_url(params_path: str | Path, environ: Mapping[str, str] = os.environ) -> tuple[str, dict[str, str]]:
-    """The endpoint ``compile --backend openai`` would use (params beat OPENAI_BASE_URL, as in
-    ``cogportrait.agents.llm.resolve_openai_settings``) and the headers to send (the key, if set)."""
-    from cogportrait.agents.llm import ENV_BASE_URL
+    """The endpoint ``compile --backend openai`` would use and the headers to send (the key, if set)."""
+    from cogportrait.agents.llm import openai_api_key, openai_base_url
 
     cfg = _section(params_path, "compile").openai
-    url = (cfg.base_url or environ.get(ENV_BASE_URL, "")).strip().rstrip("/")
-    key = environ.get(cfg.api_key_env, "").strip()
-    return url, ({"Authorization": f"Bearer {key}"} if key else {})
+    key = openai_api_key(cfg, environ)
+    return openai_base_url(cfg, environ=environ), ({"Authorization": f"Bearer {key}"} if key else {})
 
 
 def check_llm_endpoint(params_path: str | Path, environ: Mapping[str, str] = os.environ) -> Check:

@@ -25,7 +25,7 @@ _MARGIN = 1.3  # the box is this much larger than the keypoints' extent
 _PALETTE_COLOURS = 64
 
 
-def preview_frames(keypoints: np.ndarray, max_frames: int = MAX_PREVIEW_FRAMES) -> tuple[np.ndarray, int]:
+def gif_frame_indices(keypoints: np.ndarray, max_frames: int = MAX_PREVIEW_FRAMES) -> tuple[np.ndarray, int]:
     """The frame indices a preview shows and each one's duration in ms.
 
     Every ``step``-th frame, the smallest step that keeps at most ``max_frames`` frames, each shown
@@ -69,7 +69,7 @@ def write_keypoint_gif(
     if len(keypoints) == 0:
         raise ValueError("no frames to preview")
     zoomed = zoom_to_keypoints(keypoints)
-    index, duration = preview_frames(zoomed, max_frames)
+    index, duration = gif_frame_indices(zoomed, max_frames)
     canvas = blank_canvas(size)
     rgb = [draw_keypoints(canvas, zoomed[i]) for i in index]
     # one palette for every frame (a GIF's per-frame palettes made the files ~1.6x larger for the

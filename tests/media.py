@@ -419,3 +419,17 @@ def _text_variants() -> list[TextVariant]:
 
 
 TEXT_VARIANTS: tuple[TextVariant, ...] = tuple(_text_variants())
+
+
+def build_tiny_arcface(folder: Path) -> Path:
+    """An insightface-shaped recognition model: 1x3x112x112 in, 512 out (random, seeded)."""
+    import torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, stride=2),
+                              torch.nn.ReLU(), torch.nn.AvgPool2d(13), torch.nn.Flatten(), torch.nn.Linear(16, 512))
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(net, (torch.zeros(1, 3, 112, 112),), str(folder / "w600k_r50.onnx"), dynamo=False,
+                      input_names=["input.1"], output_names=["embedding"], dynamic_axes={"input.1": {0: "batch"}})
+    return folder

@@ -20,7 +20,7 @@ from pipelines.doctor import Check, exit_code, format_table, run_checks
 
 from conftest import REPO
 from llm_server import LoopbackLLM
-from test_evaluate_videos import build_tiny_arcface
+from media import build_tiny_arcface
 
 KEYS = {"name", "required", "ok", "detail", "enables"}
 CLEAN_ENV = ("OPENAI_BASE_URL", "OPENAI_API_KEY")

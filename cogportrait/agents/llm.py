@@ -84,6 +84,16 @@ class OpenAISettings:
     max_wait_s: float = OpenAIConfig.max_wait_s
 
 
+def openai_base_url(cfg: OpenAIConfig, base_url: str | None = None, environ: Mapping[str, str] = os.environ) -> str:
+    """The endpoint: a flag beats params, params beat OPENAI_BASE_URL ("" when none is given)."""
+    return (base_url or cfg.base_url or environ.get(ENV_BASE_URL, "")).strip().rstrip("/")
+
+
+def openai_api_key(cfg: OpenAIConfig, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The key, only ever from the variable named by ``cfg.api_key_env`` (None when unset)."""
+    return environ.get(cfg.api_key_env, "").strip() or None
+
+
 def resolve_openai_settings(
     cfg: OpenAIConfig,
     base_url: str | None = None,
@@ -96,7 +106,7 @@ def resolve_openai_settings(
     A missing base URL or model raises ``BackendUnavailable`` (the compiler then uses ``rules``);
     a missing key is fine: local servers (vLLM, llama.cpp, Ollama) usually need none.
     """
-    url = (base_url or cfg.base_url or environ.get(ENV_BASE_URL, "")).strip().rstrip("/")
+    url = openai_base_url(cfg, base_url, environ)
     name = (model or cfg.model or environ.get(ENV_MODEL, "")).strip()
     if not url:
         raise BackendUnavailable(
@@ -106,7 +116,7 @@ def resolve_openai_settings(
     if not name:
         raise BackendUnavailable(
             f"openai backend: no model name (give one as a flag, as compile.openai.model in params.yaml, or in {ENV_MODEL})")
-    key = environ.get(cfg.api_key_env, "").strip() or None
+    key = openai_api_key(cfg, environ)
     return OpenAISettings(url, name, key, cfg.timeout_s, cfg.retries, cfg.temperature, cfg.backoff_s, cfg.max_wait_s)
 
 
