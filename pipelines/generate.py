@@ -262,8 +262,8 @@ REJECT_FOR = ((UnknownCategoryError, "unknown_label"), (InstructionError, "unrea
 
 
 class GenerateRequests:
-    """Ray actor step: one reference reader, one Stage 1 compiler and one Stage 2 model for its
-    lifetime; a request -> its folder and a GENERATE_RESULT_SCHEMA row (generated or rejected)."""
+    """Ray actor step: one Stage 1 compiler and one Stage 2 model for its lifetime (a reference
+    reader per request); a request -> its folder and a GENERATE_RESULT_SCHEMA row (generated or rejected)."""
 
     def __init__(self, settings: GenerateSettings) -> None:
         import torch
@@ -276,18 +276,10 @@ class GenerateRequests:
             torch.set_num_threads(settings.cpus)  # the actor's CPUs; and the same floating-point sums every run
         backend, self.backend_warning = make_backend(settings.compile)
         self.compiler = open_compiler(settings.compile, settings.events, backend=backend)
-        self.reader = ReferenceReader(settings.extract)
         self.generator = Stage2Generator(settings.stage2, settings.checkpoint, self.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.Table.from_pylist([self.generate(task) for task in batch.to_pylist()], schema=GENERATE_RESULT_SCHEMA)
-
-    def __del__(self) -> None:
-        """Ray Data deletes the step when the actor shuts down: close MediaPipe's graphs while the
-        interpreter is whole (left to exit, their finalisers find mediapipe half torn down)."""
-        reader = getattr(self, "reader", None)
-        if reader is not None:
-            reader.close()
 
     def generate(self, task: dict[str, Any]) -> dict[str, Any]:
         folder = Path(self.s.out) / REQUESTS_DIR / task["request_id"]
@@ -322,8 +314,13 @@ class GenerateRequests:
             rgb = load_rgb(ref)
         except ReferencePortraitError as err:
             raise RequestRejected("unreadable_image", str(err), task["reference"]) from None
-        try:  # the portrait as curate's face crop: the keypoints' frame, and what Stage 2 was trained on
-            reference = self.reader.measure(rgb, ref, self.s.crop_scale)
+        # The portrait as curate's face crop: the keypoints' frame, and what Stage 2 was trained on.
+        # The reader (two MediaPipe graphs, ~40 ms to open) lives for one request: held by the actor,
+        # its graphs were closed only by finalisers at interpreter exit when Ray Data retired the
+        # actor early, after MediaPipe's own executor had shut down (tracebacks in the job's log).
+        try:
+            with ReferenceReader(self.s.extract) as reader:
+                reference = reader.measure(rgb, ref, self.s.crop_scale)
         except ReferencePortraitError as err:
             raise RequestRejected("no_face", str(err), task["reference"]) from None
         instructions = (task["instruction"],) if task["instruction"] else ()
@@ -428,7 +425,7 @@ def run(cfg: GenerateConfig, compile_cfg: CompileConfig, events_cfg: EventsConfi
                  resources.get("CPU", 0), resources.get("GPU", 0), workers, cfg.cpus_per_worker, gpus)
         ds = ray.data.from_arrow([pa.Table.from_pylist([t], schema=GENERATE_TASK_SCHEMA) for t in pending])
         # 1:1 request -> its folder + a generated or rejected row; Stage 1 (ms-s) then Stage 2 (the bulk)
-        #   (actor: reference reader, compiler and Stage 2 model loaded once; cpus_per_worker CPUs, a GPU when there are GPUs)
+        #   (actor: compiler and Stage 2 model loaded once; cpus_per_worker CPUs, a GPU when there are GPUs)
         ds = ds.map_batches(GenerateRequests, fn_constructor_kwargs={"settings": settings}, **ROWS,
                             compute=ActorPoolStrategy(size=workers), num_cpus=cfg.cpus_per_worker, num_gpus=gpus)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

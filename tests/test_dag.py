@@ -1,6 +1,6 @@
 """The whole DAG (curate -> ... -> train -> kto -> generate -> evaluate) with `dvc repro`, as a user
-runs it on a fresh clone, on a reduced sample: the four EMH-annotated videos, training cut to a
-few steps. Then a second `dvc repro` does nothing, `dvc metrics show` lists every stage's metrics,
+runs it on a fresh clone, on a reduced sample: the four EMH-annotated videos (the two shortest as
+the EMH cases generated and scored), training and KTO negatives cut to a few steps and samples. Then a second `dvc repro` does nothing, `dvc metrics show` lists every stage's metrics,
 and the outputs round-trip through a local DVC remote.
 """
 
@@ -18,7 +18,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-CASES = ("lp_d0", "lp_d3", "lp_d10", "tpsmm_driving")
+CASES = ("lp_d0", "lp_d3", "lp_d10", "tpsmm_driving")  # curated (kto_mine needs them all for a boundary case)
+EMH_CASES = ("lp_d0", "tpsmm_driving")  # generated and scored: the shortest two (generation is the DAG's slowest stage)
 STEPS = {"tiny.yaml": (6, 3), "tiny-kto.yaml": (4, 2)}  # training config -> (steps, checkpoint_every)
 
 
@@ -41,17 +42,22 @@ def _clone(dst: Path) -> None:
 
 
 def _reduce(repo: Path) -> None:
-    """Point the DAG at the four EMH videos (a second manifest and annotation file, as a user's own
-    dataset would be) and cut training and sampling to a few steps."""
+    """Point the DAG at the four EMH videos and two of their cases (a second manifest and annotation
+    file, as a user's own dataset would be) and cut training, sampling and KTO negatives short."""
     with open(repo / "datasets/sample/manifest.csv", newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r["video_id"] in CASES]
     with open(repo / "datasets/sample/manifest_dag.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    annotations = yaml.safe_load((repo / "datasets/emh/annotations.yaml").read_text())
+    annotations["cases"] = [c for c in annotations["cases"] if c["case_id"] in EMH_CASES]
+    (repo / "datasets/emh/annotations_dag.yaml").write_text(yaml.safe_dump(annotations, sort_keys=False))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["curate"]["manifest"] = "datasets/sample/manifest_dag.csv"
+    params["evaluate_videos"]["annotations"] = "datasets/emh/annotations_dag.yaml"
     params["generate"]["sample_steps"] = 2
+    params["kto_negatives"]["max_samples"] = 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for name, (steps, every) in STEPS.items():
         path = repo / "training/configs" / name
@@ -85,7 +91,7 @@ def test_dvc_repro_runs_the_whole_dag_then_nothing_and_round_trips_a_remote(tmp_
                  "eval/generated", "eval/videos"):
         assert f"data/{name}/metrics.json" in shown.stdout, name
     evaluation = yaml.safe_load((repo / "data/eval/videos/metrics.json").read_text())
-    assert evaluation["pairs_scored"] + evaluation["rejects"] == len(CASES)  # every case scored or rejected
+    assert evaluation["pairs_scored"] + evaluation["rejects"] == len(EMH_CASES)  # every case scored or rejected
     assert "BRISQUE" in evaluation["skipped"]
 
     outs = [repo / "data/library/prototypes.parquet", repo / "data/eval/videos/report.json", repo / "data/curate/clips.parquet"]
