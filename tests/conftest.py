@@ -13,18 +13,6 @@ if str(REPO) not in sys.path:
     sys.path.append(str(REPO))  # bench/ is not an installed package: tests import bench.synthetic
 SAMPLE = REPO / "datasets" / "sample"
 SAMPLE_MANIFEST = SAMPLE / "manifest.csv"
-# the longest files (measured with --durations), started first: with two test processes the
-# whole-DAG test (~4.5 min) then runs beside the rest of the suite instead of alone at its end
-LONGEST_FIRST = ("tests/test_dag.py", "tests/test_training_recipe.py", "tests/test_curate_resume.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Stable reorder: the LONGEST_FIRST files first (each file's tests stay together and in order)."""
-    def rank(item) -> int:
-        path = item.nodeid.split("::")[0]
-        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")
