@@ -50,7 +50,7 @@ class CurateConfig:
     scene_detector: str = "adaptive"
     scene_threshold: float = 3.0  # AdaptiveDetector adaptive_threshold; ContentDetector threshold
     scene_min_len_frames: int = 10
-    scene_downscale_px: int = 256  # frames are shrunk to this width before scene detection
+    scene_downscale_px: int = 128  # frames are shrunk to this width before scene detection
     # face tracking
     track_fps: float = 5.0
     face_min_confidence: float = 0.5

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,27 @@ def ray_session():
 @pytest.fixture(scope="session")
 def sample_manifest() -> Path:
     return SAMPLE_MANIFEST
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A read-only session output (the sample's curate -> extract -> invert -> library chain) built
+    once per test run. Under pytest-xdist each test process is a session of its own, and both would
+    build the same chain at the same time on the same two cores; here the first to ask builds it
+    under an exclusive lock in the run's shared temp folder, and the others wait for it, then read it."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:  # one process: nothing to share
+        out = tmp_path_factory.mktemp(name)
+        build(out)
+        return out
+    root = tmp_path_factory.getbasetemp().parent  # the run's folder, above each process's own
+    out, done = root / name, root / f"{name}.built"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.is_file():
+            shutil.rmtree(out, ignore_errors=True)  # a build that failed part-way
+            out.mkdir()
+            build(out)
+            done.touch()
+    return out
 
 
 # -- prototype library (issue 4) -----------------------------------------------------------------
@@ -61,15 +85,16 @@ def sample_library(library_upstream, tmp_path_factory) -> Path:
     from prototype_store import build_index
     from prototype_store.build import build_prototypes_local
 
-    out = tmp_path_factory.mktemp("library")
-    build_prototypes_local(
-        PrototypesConfig(
-            controls=str(library_upstream["controls"]), frames=str(library_upstream["frames"]),
-            clips=str(library_upstream["clips"]), out=str(out),
+    def build(out: Path) -> None:
+        build_prototypes_local(
+            PrototypesConfig(
+                controls=str(library_upstream["controls"]), frames=str(library_upstream["frames"]),
+                clips=str(library_upstream["clips"]), out=str(out),
+            )
         )
-    )
-    build_index(out, IndexConfig())
-    return out
+        build_index(out, IndexConfig())
+
+    return built_once(tmp_path_factory, "library", build)
 
 
 @pytest.fixture(scope="session")
@@ -81,9 +106,8 @@ def curated_sample(tmp_path_factory, ray_session) -> Path:
     from cogportrait.config import CurateConfig
     from pipelines.curate import run
 
-    out = tmp_path_factory.mktemp("curated_sample")
-    run(CurateConfig(manifest=str(SAMPLE_MANIFEST), out=str(out), num_workers=2))
-    return out
+    return built_once(tmp_path_factory, "curated_sample",
+                      lambda out: run(CurateConfig(manifest=str(SAMPLE_MANIFEST), out=str(out), num_workers=2)))
 
 
 # -- extract / invert (issue 3) ----------------------------------------------------------------
@@ -93,9 +117,8 @@ def extracted_sample(curated_sample, tmp_path_factory) -> Path:
     from cogportrait.config import ExtractConfig
     from pipelines.extract import run
 
-    out = tmp_path_factory.mktemp("extracted_sample")
-    run(ExtractConfig(clips=str(curated_sample / "clips.parquet"), out=str(out), num_workers=2))
-    return out
+    return built_once(tmp_path_factory, "extracted_sample",
+                      lambda out: run(ExtractConfig(clips=str(curated_sample / "clips.parquet"), out=str(out), num_workers=2)))
 
 
 @pytest.fixture(scope="session")
@@ -104,9 +127,8 @@ def inverted_sample(extracted_sample, tmp_path_factory) -> Path:
     from cogportrait.config import InvertConfig
     from pipelines.invert import run
 
-    out = tmp_path_factory.mktemp("inverted_sample")
-    run(InvertConfig(frames=str(extracted_sample), out=str(out), num_workers=2))
-    return out
+    return built_once(tmp_path_factory, "inverted_sample",
+                      lambda out: run(InvertConfig(frames=str(extracted_sample), out=str(out), num_workers=2)))
 
 
 def clip_ids_by_video(clips_parquet: Path) -> dict[str, list[str]]:
