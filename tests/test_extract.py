@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
@@ -107,7 +109,7 @@ def test_mirrored_clip_keeps_the_subjects_left(edge_extracted, extracted_sample,
     assert np.abs(yaw_m - yaw_o).mean() < 2.0  # mirrored yaw was negated back
 
 
-def test_rerun_into_a_new_folder_is_byte_identical(curated_sample, extracted_sample, tmp_path_factory, ray_session):
+def test_rerun_into_a_new_folder_is_byte_identical(curated_sample, extracted_sample, ray_session):
     """Same clips, same config: byte-identical tables, whatever order Ray finished the clips in.
     frames.parquet follows the input clips' order, frames ascending, one row group per clip."""
     import hashlib
@@ -115,7 +117,8 @@ def test_rerun_into_a_new_folder_is_byte_identical(curated_sample, extracted_sam
     from cogportrait.config import ExtractConfig
     from pipelines.extract import run
 
-    again = tmp_path_factory.mktemp("extracted_again")  # a sibling: relative clip paths are the same
+    # a sibling of the first output: the clip paths it stores, relative to itself, are then the same
+    again = Path(tempfile.mkdtemp(prefix="extracted_again", dir=extracted_sample.parent))
     run(ExtractConfig(clips=str(curated_sample / "clips.parquet"), out=str(again), num_workers=2))
     for name in ("frames.parquet", "clips.parquet", "rejects.parquet"):
         first = hashlib.sha256((extracted_sample / name).read_bytes()).hexdigest()
