@@ -249,7 +249,7 @@ def _run_videos(cfg: CurateConfig, videos: list[Row], out_dir: Path, journal: Jo
     # 1:1 video -> video; opens the file, decodes one frame                  (light; the scan's resources,
     #                                                                          so Ray fuses it into the scan actor)
     ds = ds.map_batches(per_row(probe_step), fn_kwargs={"cfg": cfg}, **ROWS, num_cpus=HEAVY_CPUS, compute=TaskPoolStrategy(size=heavy))
-    # 1:N video -> spans, streamed per shot; ONE decode: scene cuts (128 px) and MediaPipe face
+    # 1:N video -> spans, streamed per shot; ONE decode: scene cuts (scene_downscale_px) and MediaPipe face
     # samples at 5 Hz, cut to 3-20 s face runs                              (heavy actor: detector loaded once)
     ds = ds.map_batches(ScanVideos, fn_constructor_kwargs={"cfg": cfg}, **ROWS, compute=ActorPoolStrategy(min_size=1, max_size=heavy), num_cpus=HEAVY_CPUS)
     # 1:1 span -> span; RapidOCR detection on frames kept by the scan       (light actor: model loaded once)
