@@ -159,6 +159,8 @@ class VideoCodec:
     @torch.no_grad()
     def encode(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 frames (B, F, H, W, 3) -> normalised latents (B, z, 1 + (F-1)/4, H/s, W/s), float32."""
+        if isinstance(frames, np.ndarray) and not frames.flags.writeable:  # Ray's zero-copy batches are read-only
+            frames = frames.copy()
         x = torch.as_tensor(frames, device=self.device).permute(0, 4, 1, 2, 3).to(self.dtype) / 127.5 - 1.0
         z = self.vae.encode(x).latent_dist.mode().float()
         return (z - self.mean.to(z.device)) / self.std.to(z.device)

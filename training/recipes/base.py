@@ -182,11 +182,12 @@ def fit(cfg: Stage2Config, recipe: type[Stage2Recipe], rows: list[dict[str, Any]
         loader_kwargs: dict[str, Any], resumed_from: int) -> dict[str, Any]:
     """Stream ``rows`` (from the resume position on) through ``loader`` with Ray Data into a
     ``TorchTrainer`` running ``recipe`` on ``train.num_workers`` workers; the run's summary."""
-    from ray.data import DataContext
+    from ray.data import ActorPoolStrategy, DataContext
 
     t = cfg.train
     DataContext.get_current().execution_options.preserve_order = True
-    dataset = ray.data.from_items(rows).map(loader, fn_constructor_kwargs=loader_kwargs, concurrency=1)
+    dataset = ray.data.from_items(rows).map(loader, fn_constructor_kwargs=loader_kwargs,
+                                                compute=ActorPoolStrategy(size=1))
     out = Path(t.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
