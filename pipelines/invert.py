@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
+from ray.data.expressions import col
 from tqdm import tqdm
 
 from cogportrait.behavior.events import detect_events, event_columns, event_rows
@@ -234,7 +235,7 @@ def _prepare(frames_dirs: list[Path], cfg: InvertConfig) -> Prepared:
             by_identity[r["identity"]].append(RestData(*(np.asarray(r[f"rest_{f}"]) for f in RestData.FIELDS)))
     rest = {ident: RestData.concat(by_identity[ident]) for ident in sorted(by_identity)}
     no_rest = sorted(r["clip_id"] for r in summary if r["identity"] not in rest)
-    good = clips_ds.filter(lambda r: r["identity"] in rest) if no_rest else clips_ds
+    good = clips_ds.filter(expr=col("identity").is_in(sorted(rest))) if no_rest else clips_ds
     moments = {r["clip_id"]: ClipMoments(*(np.asarray(r[f"moment_{f}"]) for f in MOMENT_FIELDS))
                for r in summary if r["identity"] in rest}
     return Prepared(clips_ds, good, rest, moments, {r["clip_id"]: r["identity"] for r in summary}, no_rest, len(summary))
@@ -380,7 +381,7 @@ def fit_generic(cfg: InvertConfig, frames_dirs: list[str], out: str) -> dict:
     moments = {c: m for c, m in prep.moments.items() if prep.identity_of[c] in stated}
     fit = fit_face_model(rest, moments, prep.identity_of, cfg.ridge, {"frames_dirs": [str(d) for d in dirs]},
                          symmetric=cfg.symmetric)
-    good = prep.good.filter(lambda r: r["identity"] in stated) if unlabelled else prep.good
+    good = prep.good.filter(expr=col("identity").is_in(sorted(stated))) if unlabelled else prep.good
     summaries = _invert(good, fit, cfg).select_columns(["clip_id", *CORR_COLUMNS, "err_sum", "err_n"]).take_all()
     quality = _quality(fit, summaries, cfg, {"used": False})
     identity_of = {c: prep.identity_of[c] for c in fit.stats}

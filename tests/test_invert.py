@@ -115,3 +115,29 @@ def test_face_loss_frames_have_null_controls(edge_extracted, tmp_path):
     one = controls.filter(pc.equal(controls.column("clip_id"), "edge-one_frame"))
     assert one.num_rows == 1
     assert m["frames"] == controls.num_rows
+
+
+def test_a_clip_without_a_usable_face_is_rejected_not_lost(edge_extracted, tmp_path):
+    """A clip whose identity has no rest frame cannot be inverted: it ends in rejects (no_face),
+    its frames in no controls row, and the other clips are inverted as before."""
+    import shutil
+
+    from cogportrait.config import InvertConfig
+    from pipelines.invert import run
+
+    faceless = "edge-face_loss"
+    frames = pq.read_table(edge_extracted / "frames.parquet")
+    present = pc.and_(frames.column("face_present"), pc.not_equal(frames.column("clip_id"), faceless))
+    frames = frames.set_column(frames.schema.get_field_index("face_present"), "face_present", present)
+    src = tmp_path / "extract"
+    src.mkdir()
+    pq.write_table(frames, src / "frames.parquet")
+    shutil.copy(edge_extracted / "clips.parquet", src / "clips.parquet")
+
+    m = run(InvertConfig(frames=str(src), out=str(tmp_path / "out"), num_workers=2))
+    rejects = pq.read_table(tmp_path / "out/rejects.parquet").to_pylist()
+    assert [(r["video_id"], r["stage"], r["reason"]) for r in rejects] == [(faceless, "invert", "no_face")]
+    controls = pq.read_table(tmp_path / "out/controls.parquet")
+    clip_ids = set(controls.column("clip_id").to_pylist())
+    assert faceless not in clip_ids and len(clip_ids) == m["clips"] == 2 and m["rejects"] == 1
+    assert controls.num_rows == frames.num_rows - 78  # every other clip's frames, each once
