@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow.compute as pc
@@ -120,8 +121,6 @@ def test_face_loss_frames_have_null_controls(edge_extracted, tmp_path):
 def test_a_clip_without_a_usable_face_is_rejected_not_lost(edge_extracted, tmp_path):
     """A clip whose identity has no rest frame cannot be inverted: it ends in rejects (no_face),
     its frames in no controls row, and the other clips are inverted as before."""
-    import shutil
-
     from cogportrait.config import InvertConfig
     from pipelines.invert import run
 
