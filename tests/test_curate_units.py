@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from cogportrait.config import ConfigError, CurateConfig
-from cogportrait.curate.crop import crop_track
+from cogportrait.curate.crop import crop_frame, crop_frame_yuv420, crop_track
 from cogportrait.curate.filters import TextSample, caption_possible, line_boxes, pair_verdict, quality_decision, text_decision
 from cogportrait.curate.manifest import ManifestError, read_manifest
 from cogportrait.curate.spans import Span, apply_duration_limits, segment_face_runs
 from cogportrait.curate.text import band_layout, stack_bands
 from cogportrait.curate.tracking import classify_detections
+from cogportrait.io.video import yuv420_planes
 from cogportrait.schema import clip_id_for
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_manifest_without_required_columns_is_a_clear_error(tmp_path):
@@ -87,6 +92,43 @@ def test_crop_track_is_square_smooth_and_inside_the_frame():
     assert np.abs(np.diff(cx)).max() < 3  # smoothed: no 30 px jump
     big = crop_track(t, boxes * [1, 1, 1, 3], out_t, 512, 384, 1.5, 0.5, 25)
     assert (big[:, 2] <= 384 + 1e-3).all()  # shrunk to fit the frame
+
+
+def _decoded_frame(path: Path):
+    import av
+
+    with av.open(str(path)) as container:
+        return next(container.decode(video=0))
+
+
+def test_yuv420_planes_are_the_decoded_planes_upright_or_rotated():
+    frame = _decoded_frame(REPO / "datasets/sample/videos/lp_d20_man_talking_outdoor_audio.mp4")
+    h, w = frame.height, frame.width
+    packed = frame.to_ndarray(format="yuv420p")
+    y, u, v = yuv420_planes(frame)
+    assert y.shape == (h, w) and u.shape == v.shape == (h // 2, w // 2)
+    np.testing.assert_array_equal(y, packed[:h])
+    np.testing.assert_array_equal(np.concatenate([u.reshape(-1), v.reshape(-1)]), packed[h:].reshape(-1))
+    assert np.shares_memory(y, np.frombuffer(frame.planes[0], np.uint8))  # a view, not a copy
+    turned = yuv420_planes(frame, 1)
+    for a, b in zip(turned, (y, u, v)):
+        np.testing.assert_array_equal(a, np.rot90(b))
+
+
+def test_planar_crop_paints_the_same_picture_as_the_rgb_crop():
+    """The crop the curate job encodes (on the decoded planes, painted into the encoder's frame)
+    shows what the RGB crop shows: up to chroma subsampling and rounding."""
+    import av
+
+    frame = _decoded_frame(REPO / "datasets/sample/videos/lp_d20_man_talking_outdoor_audio.mp4")
+    rgb = frame.to_ndarray(format="rgb24")
+    for cx, cy, side in ((240.0, 200.5, 300.25), (240.0, 240.0, 480.0), (100.0, 120.0, 90.0)):  # shrink, same, enlarge
+        out = av.VideoFrame(256, 256, "yuv420p")
+        crop_frame_yuv420(yuv420_planes(frame), cx, cy, side, yuv420_planes(out))
+        painted = out.to_ndarray(format="rgb24").astype(np.int16)
+        expected = crop_frame(rgb, cx, cy, side, 256).astype(np.int16)
+        assert painted.std() > 10  # painted in place: the encoder's frame is not left blank
+        assert np.median(np.abs(painted - expected)) <= 3
 
 
 def test_band_stack_holds_both_bands_at_the_detection_scale():

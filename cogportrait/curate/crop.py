@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
-from cogportrait.io.video import VideoError, VideoInfo, VideoWriter, iter_frames
+from cogportrait.io.video import VideoError, VideoInfo, VideoWriter, Yuv420, iter_frames
 
 
 def crop_track(
@@ -44,9 +44,9 @@ def crop_track(
     return np.stack([cx, cy, side], axis=1).astype(np.float32)
 
 
-def crop_plane(plane: np.ndarray, cx: float, cy: float, side: float, size: int) -> np.ndarray:
-    """Sub-pixel square crop of one image (or plane) resized to size²; strong downscales are
-    pre-shrunk by halves (area filter) so the bilinear warp does not alias."""
+def crop_plane(plane: np.ndarray, cx: float, cy: float, side: float, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Sub-pixel square crop of one image (or plane) resized to size², into ``out`` when given;
+    strong downscales are pre-shrunk by halves (area filter) so the bilinear warp does not alias."""
     scale = size / side
     while scale < 0.75:
         plane = cv2.resize(plane, (plane.shape[1] // 2, plane.shape[0] // 2), interpolation=cv2.INTER_AREA)
@@ -54,28 +54,21 @@ def crop_plane(plane: np.ndarray, cx: float, cy: float, side: float, size: int) 
         scale = size / side
     x0, y0 = cx - side / 2, cy - side / 2
     matrix = np.array([[scale, 0, -scale * x0], [0, scale, -scale * y0]], dtype=np.float64)
-    return cv2.warpAffine(plane, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return cv2.warpAffine(plane, matrix, (size, size), dst=out, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 def crop_frame(rgb: np.ndarray, cx: float, cy: float, side: float, size: int) -> np.ndarray:
     return crop_plane(rgb, cx, cy, side, size)
 
 
-def crop_frame_yuv420(yuv: np.ndarray, width: int, height: int, cx: float, cy: float, side: float, size: int) -> np.ndarray:
-    """The same crop on planar YUV 4:2:0 (as decoded), so no colour conversion is ever done.
-
-    Coordinates are in luma pixels; chroma planes use half of them. Returns (size*3/2, size).
-    """
-    y = yuv[:height]
-    q = (height // 2) * (width // 2)
-    flat = yuv[height:].reshape(-1)
-    u = flat[:q].reshape(height // 2, width // 2)
-    v = flat[q : 2 * q].reshape(height // 2, width // 2)
-    half = size // 2
-    out_y = crop_plane(y, cx, cy, side, size)
-    out_u = crop_plane(u, cx / 2 - 0.25, cy / 2 - 0.25, side / 2, half)
-    out_v = crop_plane(v, cx / 2 - 0.25, cy / 2 - 0.25, side / 2, half)
-    return np.concatenate([out_y.reshape(-1), out_u.reshape(-1), out_v.reshape(-1)]).reshape(size * 3 // 2, size)
+def crop_frame_yuv420(src: Yuv420, cx: float, cy: float, side: float, out: Yuv420) -> None:
+    """The same crop on planar YUV 4:2:0 (as decoded), painted into ``out``'s planes (size² luma),
+    so no colour conversion and no copy is ever done. Coordinates are in luma pixels; the chroma
+    planes use half of them."""
+    size = out[0].shape[0]
+    crop_plane(src[0], cx, cy, side, size, out[0])
+    for plane, dst in zip(src[1:], out[1:]):
+        crop_plane(plane, cx / 2 - 0.25, cy / 2 - 0.25, side / 2, size // 2, dst)
 
 
 def write_cropped_clip(
@@ -107,7 +100,7 @@ def write_cropped_clip(
             while written < n_out and src_for_out[written] <= idx:
                 cx, cy, side = (float(v) for v in track[written])
                 if planar:
-                    writer.write_yuv420(crop_frame_yuv420(img, info.width, info.height, cx, cy, side, size))
+                    writer.write_yuv420(lambda out: crop_frame_yuv420(img, cx, cy, side, out))
                 else:
                     writer.write(crop_frame(img, cx, cy, side, size))
                 written += 1

@@ -23,7 +23,7 @@ import numpy as np
 from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode
 
 from cogportrait.curate.tracking import FaceSample, FaceTracker
-from cogportrait.io.video import VideoError, VideoInfo, rotate_image
+from cogportrait.io.video import VideoError, VideoInfo, Yuv420, rotate_image, yuv420_planes
 
 
 def make_detector(kind: str, threshold: float, min_len_frames: int) -> AdaptiveDetector | ContentDetector:
@@ -196,8 +196,7 @@ def _decode(path, info: VideoInfo, sample_period_s: float, width: int, times: li
                 if sampled:
                     next_sample = (np.floor(times[-1] / sample_period_s + 1e-6) + 1) * sample_period_s
                 if planar and frame.format.name in ("yuv420p", "yuvj420p") and (frame.width, frame.height) == (coded_w, coded_h):
-                    yuv = frame.to_ndarray(format="yuv420p")
-                    small = small_bgr_from_yuv420(yuv, coded_w, coded_h, tw, th)
+                    small = small_bgr_from_yuv420(yuv420_planes(frame.reformat(format="yuv420p")), tw, th)
                     # FFmpeg's own conversion: its colour range and chroma siting are what every other
                     # decode in the project uses, so face boxes match theirs
                     full = frame.to_ndarray(format="rgb24") if sampled else None
@@ -209,14 +208,9 @@ def _decode(path, info: VideoInfo, sample_period_s: float, width: int, times: li
         raise VideoError("decode_error", f"{os.path.basename(path)}: {err}") from err
 
 
-def small_bgr_from_yuv420(yuv: np.ndarray, width: int, height: int, tw: int, th: int) -> np.ndarray:
+def small_bgr_from_yuv420(planes: Yuv420, tw: int, th: int) -> np.ndarray:
     """Area-shrink each plane of a planar 4:2:0 frame, then convert the small frame to BGR."""
-    q = (height // 2) * (width // 2)
-    flat = yuv[height:].reshape(-1)
-    planes = [
-        cv2.resize(yuv[:height], (tw, th), interpolation=cv2.INTER_AREA),
-        cv2.resize(flat[:q].reshape(height // 2, width // 2), (tw // 2, th // 2), interpolation=cv2.INTER_AREA),
-        cv2.resize(flat[q : 2 * q].reshape(height // 2, width // 2), (tw // 2, th // 2), interpolation=cv2.INTER_AREA),
-    ]
-    packed = np.concatenate([p.reshape(-1) for p in planes]).reshape(th * 3 // 2, tw)
+    sizes = ((tw, th), (tw // 2, th // 2), (tw // 2, th // 2))
+    small = [cv2.resize(plane, size, interpolation=cv2.INTER_AREA) for plane, size in zip(planes, sizes)]
+    packed = np.concatenate([p.reshape(-1) for p in small]).reshape(th * 3 // 2, tw)
     return cv2.cvtColor(packed, cv2.COLOR_YUV2BGR_I420)

@@ -10,9 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import cv2
-import mediapipe as mp
 import numpy as np
-from mediapipe.tasks.python import BaseOptions, vision
 
 from cogportrait.face.model_files import face_detector_path
 
@@ -67,6 +65,12 @@ class FaceTracker:
     """Holds one MediaPipe FaceDetector (IMAGE mode: samples are sparse, not a video stream)."""
 
     def __init__(self, min_confidence: float, min_face_px: float, multi_ratio: float) -> None:
+        # mediapipe (0.5 s, matplotlib with it) is imported here: of the curate job's processes,
+        # only the scan actor, which holds the detector, pays for it
+        import mediapipe as mp
+        from mediapipe.tasks.python import BaseOptions, vision
+
+        self._mp = mp
         options = vision.FaceDetectorOptions(
             base_options=BaseOptions(model_asset_path=str(face_detector_path())),
             running_mode=vision.RunningMode.IMAGE,
@@ -77,6 +81,7 @@ class FaceTracker:
         self.multi_ratio = multi_ratio
 
     def detect(self, rgb: np.ndarray) -> list[tuple[float, float, float, float, float]]:
+        mp = self._mp
         result = self._detector.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(rgb)))
         boxes = []
         for det in result.detections:

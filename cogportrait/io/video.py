@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -61,15 +61,22 @@ def rotate_image(img: np.ndarray, quarter_turns: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(img, quarter_turns)) if quarter_turns else img
 
 
-def rotate_yuv420(yuv: np.ndarray, width: int, height: int, quarter_turns: int) -> np.ndarray:
-    """Rotate a planar 4:2:0 frame (coded width x height) by quarter turns counter-clockwise."""
-    if not quarter_turns:
-        return yuv
-    q = (height // 2) * (width // 2)
-    flat = yuv[height:].reshape(-1)
-    planes = (yuv[:height], flat[:q].reshape(height // 2, width // 2), flat[q : 2 * q].reshape(height // 2, width // 2))
-    out_w = height if quarter_turns % 2 else width
-    return np.concatenate([np.rot90(p, quarter_turns).reshape(-1) for p in planes]).reshape(-1, out_w)
+Yuv420 = tuple[np.ndarray, np.ndarray, np.ndarray]  # the Y, U and V planes of a 4:2:0 frame (U, V at half size)
+
+
+def yuv420_planes(frame: av.VideoFrame, quarter_turns: int = 0) -> Yuv420:
+    """The three planes of a planar 4:2:0 frame as arrays.
+
+    Upright, they are views of the frame's own buffers (no copy: a decoded frame is read where the
+    decoder left it, and a frame to encode is painted in place); they keep the frame alive. A
+    display rotation gives rotated copies.
+    """
+    planes = []
+    for plane in frame.planes[:3]:
+        rows = np.frombuffer(plane, np.uint8)[: plane.line_size * plane.height].reshape(plane.height, plane.line_size)
+        view = rows[:, : plane.width]
+        planes.append(np.ascontiguousarray(np.rot90(view, quarter_turns)) if quarter_turns else view)
+    return planes[0], planes[1], planes[2]
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
@@ -145,8 +152,9 @@ def iter_frames(
     fmt: str = "rgb24",
     times: np.ndarray | None = None,
     threads: int = 1,
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (frame index, HxWx3 array) for frames in [start_frame, end_frame), every ``step``-th.
+) -> Iterator[tuple[int, np.ndarray | Yuv420]]:
+    """Yield (frame index, HxWx3 array) for frames in [start_frame, end_frame), every ``step``-th;
+    with ``fmt="yuv420p"`` the frame is its three planes instead (``yuv420_planes``: no copy).
 
     ``times`` are the decoded timestamps of frames start_frame, start_frame + 1, ... (from a
     full pass, see the scan step); with them indices are exact for variable frame rates.
@@ -156,7 +164,6 @@ def iter_frames(
     overhead there. Raises VideoError('decode_error') when the stream breaks part-way.
     """
     turns = info.quarter_turns
-    coded_w, coded_h = info.coded_size
     height = None
     if width is not None and width < info.width:
         height = max(2, int(round(info.height * width / info.width / 2)) * 2)
@@ -184,13 +191,14 @@ def iter_frames(
                     break
                 if (idx - start_frame) % step:
                     continue
+                if fmt == "yuv420p":  # the planes as decoded when they are yuv420p already (no copy)
+                    yield idx, yuv420_planes(frame.reformat(format="yuv420p", width=width, height=height), turns)
+                    continue
                 if width is not None:
                     img = frame.to_ndarray(format=fmt, width=width, height=height)
                 else:
                     img = frame.to_ndarray(format=fmt)
-                if turns:
-                    img = rotate_yuv420(img, coded_w, coded_h, turns) if fmt == "yuv420p" else rotate_image(img, turns)
-                yield idx, img
+                yield idx, rotate_image(img, turns)
     except av.FFmpegError as err:
         if end_frame is not None and last >= end_frame - 1:
             return  # the stream breaks only after the requested span: not this span's problem
@@ -228,6 +236,7 @@ class VideoWriter:
         tmp = self._ctx.__enter__()
         self._container = av.open(str(tmp), mode="w", format="mp4")
         self._stream = self._container.add_stream("libx264", rate=Fraction(fps))
+        self.size = size
         self._stream.width = size
         self._stream.height = size
         self._stream.pix_fmt = "yuv420p"
@@ -245,9 +254,12 @@ class VideoWriter:
     def write(self, rgb: np.ndarray) -> None:
         self._encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24"))
 
-    def write_yuv420(self, yuv: np.ndarray) -> None:
-        """A planar 4:2:0 frame as (size*3/2, size) uint8: skips the RGB->YUV conversion."""
-        self._encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(yuv), format="yuv420p"))
+    def write_yuv420(self, paint: Callable[[Yuv420], None]) -> None:
+        """A planar 4:2:0 frame that ``paint`` draws into the three planes it is handed (Y at
+        size², U and V at half that): no RGB->YUV conversion and no copy."""
+        frame = av.VideoFrame(self.size, self.size, "yuv420p")
+        paint(yuv420_planes(frame))
+        self._encode(frame)
 
     def _encode(self, frame: av.VideoFrame) -> None:
         frame.pts = self.n_frames
