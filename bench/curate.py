@@ -97,7 +97,7 @@ def run_one(manifest: Path, workers: int, out: Path) -> dict:
         os.sched_setaffinity(0, cores[:workers])
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        with PeakRss() as rss:
+        with PeakRss(spare_cores=set(cores[workers:])) as rss:
             metrics = run(CurateConfig(manifest=str(manifest), out=str(out), num_workers=workers))
     finally:
         ray.shutdown()
