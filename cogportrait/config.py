@@ -422,8 +422,12 @@ class InvertConfig:
     ridge: float = 5e-4  # per-frame ridge penalty of the basis fit
     pose_refine: str = "similarity"  # after Rᵀ: align rigid anchors per frame (similarity|rotation|none)
     # running median (frames, odd; 1 = off) on the canonical keypoints and the proxies alike before
-    # the fit and the inversion: removes MediaPipe's frame-to-frame jitter, keeps blinks
+    # the inversion and the events: removes MediaPipe's frame-to-frame jitter, keeps blinks
     smooth_frames: int = 3
+    # the same median, wider, on what the basis is fitted from (moments and rest frames): noise in
+    # the proxies, the regressors, shrinks the fitted basis (errors in variables), and the fit needs
+    # no blink timing; the inversion keeps smooth_frames
+    fit_smooth_frames: int = 5
     # the basis is fitted from the dataset plus the generic face model's per-identity statistics
     # (people not in the dataset), weighted to count as prior_frames frames: shrinkage toward a
     # basis fitted on many people. "shipped" = cogportrait/face/generic, "" = no prior, or a folder
@@ -453,9 +457,11 @@ class InvertConfig:
         _check_range("prior_frames", self.prior_frames, 0.0)
         _check_range("clips_per_task", self.clips_per_task, 1)
         _check_choice("pose_refine", self.pose_refine, POSE_REFINE_MODES)
-        _check_range("smooth_frames", self.smooth_frames, 1)
-        if self.smooth_frames % 2 == 0:
-            raise ConfigError(f"smooth_frames={self.smooth_frames} must be odd (a centred window)")
+        for name in ("smooth_frames", "fit_smooth_frames"):
+            frames = getattr(self, name)
+            _check_range(name, frames, 1)
+            if frames % 2 == 0:
+                raise ConfigError(f"{name}={frames} must be odd (a centred window)")
         _check_range("flame_ridge", self.flame_ridge, 0.0)
         if self.flame_model and not Path(self.flame_model).is_file():
             raise ConfigError(f"flame_model={self.flame_model!r}: no such file (convert yours with `cogportrait face convert-flame`)")

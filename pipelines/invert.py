@@ -91,20 +91,23 @@ FRAME_COLUMNS = ["clip_id", "frame", "face_present", "landmarks", "transform", "
 SUMMARY_COLUMNS = ["clip_id", "identity", "n_rest", *(f"rest_{f}" for f in RestData.FIELDS), *(f"moment_{f}" for f in MOMENT_FIELDS)]
 
 
-def prepare_step(row: dict, refine: str, rest: RestSettings, smooth_frames: int) -> dict:
-    """1:1 — one clip's frames -> its signals, rest frames and raw moments (typed tensor columns)."""
+def prepare_step(row: dict, refine: str, rest: RestSettings, smooth_frames: int, fit_smooth_frames: int) -> dict:
+    """1:1 — one clip's frames -> its signals (for the inversion, filtered over ``smooth_frames``),
+    rest frames and raw moments (for the fit, over ``fit_smooth_frames``), as typed tensor columns."""
     if len(row["row_groups"]):  # the clip's own row groups (extract writes one per clip)
         table = pq.ParquetFile(row["path"]).read_row_groups([int(g) for g in row["row_groups"]], columns=FRAME_COLUMNS)
         table = table.filter(pc.equal(table.column("clip_id"), row["clip_id"]))
     else:
         table = pq.read_table(row["path"], columns=FRAME_COLUMNS, filters=[("clip_id", "==", row["clip_id"])])
     sig = prepare_frames(table, row["identity"], row["mirrored"], refine=refine, smooth_frames=smooth_frames)
-    idx = rest_frames(sig, rest)
-    moments = clip_moments(sig)
+    fit_sig = sig if fit_smooth_frames == smooth_frames else prepare_frames(
+        table, row["identity"], row["mirrored"], refine=refine, smooth_frames=fit_smooth_frames)
+    idx = rest_frames(fit_sig, rest)
+    moments = clip_moments(fit_sig)
     return {
         **sig.to_row(),
         "n_rest": len(idx),
-        **{f"rest_{k}": v for k, v in RestData.of(sig, idx).arrays().items()},
+        **{f"rest_{k}": v for k, v in RestData.of(fit_sig, idx).arrays().items()},
         **{f"moment_{f}": np.asarray(getattr(moments, f)) for f in MOMENT_FIELDS},
     }
 
@@ -226,7 +229,8 @@ def _prepare(frames_dirs: list[Path], cfg: InvertConfig) -> Prepared:
     n_blocks = min(len(clip_rows), max(2 * n, -(-len(clip_rows) // cfg.clips_per_task)))
     ds = ray.data.from_items(clip_rows, override_num_blocks=n_blocks)
     # 1:1 clip -> signals, rest frames, moments; reads the clip's rows, pose removal  (1 CPU)
-    clips_ds = ds.map(prepare_step, fn_kwargs={"refine": cfg.pose_refine, "rest": cfg.rest, "smooth_frames": cfg.smooth_frames}, num_cpus=1,
+    clips_ds = ds.map(prepare_step, fn_kwargs={"refine": cfg.pose_refine, "rest": cfg.rest, "smooth_frames": cfg.smooth_frames,
+                                               "fit_smooth_frames": cfg.fit_smooth_frames}, num_cpus=1,
                       compute=TaskPoolStrategy(size=n)).materialize()
     summary = clips_ds.select_columns(SUMMARY_COLUMNS).take_all()
     by_identity: dict[str, list[RestData]] = defaultdict(list)
@@ -250,9 +254,10 @@ def generic_prior(cfg: InvertConfig, identity_of: dict[str, str]) -> tuple[ClipS
         return None, {"used": False}
     generic = GenericFaceModel.load(folder)
     prior, used = generic.prior(set(identity_of.values()), set(identity_of), cfg.prior_frames)
-    if generic.meta.get("smooth_frames", 1) != cfg.smooth_frames:
-        log.warning("the generic face model was fitted with smooth_frames=%s, this dataset uses %s: the prior's signals "
-                    "are filtered differently", generic.meta.get("smooth_frames", 1), cfg.smooth_frames)
+    fitted_with = generic.meta.get("fit_smooth_frames", generic.meta.get("smooth_frames", 1))
+    if fitted_with != cfg.fit_smooth_frames:
+        log.warning("the generic face model was fitted with fit_smooth_frames=%s, this dataset uses %s: the prior's signals "
+                    "are filtered differently", fitted_with, cfg.fit_smooth_frames)
     info = {"used": bool(used), "generic_model": cfg.generic_model, "version": GENERIC_VERSION,
             "content_sha256": json.loads((folder / "generic.json").read_text())["content_sha256"],
             "identities": used, "left_out_as_in_dataset": sorted(set(generic.stats) - set(used)), "frames": cfg.prior_frames}
@@ -397,7 +402,7 @@ def fit_generic(cfg: InvertConfig, frames_dirs: list[str], out: str) -> dict:
                         "unlabelled_clips_left_out": unlabelled,
                         "videos_by_identity": {i: sorted(v) for i, v in sorted(videos.items())}},
         "ridge": cfg.ridge, "symmetric": cfg.symmetric, "pose_refine": cfg.pose_refine,
-        "smooth_frames": cfg.smooth_frames, "command": "cogportrait face fit-generic " + " ".join(f"--frames {d}" for d in frames_dirs) + f" --out {out}",
+        "smooth_frames": cfg.smooth_frames, "fit_smooth_frames": cfg.fit_smooth_frames, "command": "cogportrait face fit-generic " + " ".join(f"--frames {d}" for d in frames_dirs) + f" --out {out}",
         "quality": {k: quality[k] for k in ("gates", "r2_by_group", "corr_inverted_vs_proxy_loio", "loio")},
     }
     generic = generic_from_fit(fit, identity_of, meta)
