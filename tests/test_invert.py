@@ -89,6 +89,29 @@ def test_fit_generic_keeps_labelled_people_only(extracted_sample, tmp_path):
     assert "lp_woman_d3" not in used and len(used) == 5 and abs(prior.n - 1000.0) < 1e-9
 
 
+def test_the_fit_reads_the_wider_median_and_the_inversion_the_narrower(extracted_sample):
+    """prepare_step hands the inversion signals filtered over ``smooth_frames`` and the fit moments
+    and rest frames filtered over ``fit_smooth_frames``; an even window is a config error."""
+    from cogportrait.config import ConfigError, InvertConfig
+    from cogportrait.face.extract import frames_files
+    from cogportrait.face.fitting import clip_moments
+    from cogportrait.face.model import MOMENT_FIELDS
+    from cogportrait.face.signals import FaceSignals
+    from pipelines.invert import _clip_info, _clip_rows, prepare_step
+
+    cfg = InvertConfig()
+    row = next(r for r in _clip_rows(frames_files(extracted_sample), _clip_info(extracted_sample)[0]) if r["identity"] == "lp_woman_d3")
+    split = prepare_step(row, cfg.pose_refine, cfg.rest, 3, 5)
+    narrow, wide = prepare_step(row, cfg.pose_refine, cfg.rest, 3, 3), prepare_step(row, cfg.pose_refine, cfg.rest, 5, 5)
+    np.testing.assert_array_equal(FaceSignals.from_row(split).canon, FaceSignals.from_row(narrow).canon)
+    for f in MOMENT_FIELDS:
+        np.testing.assert_array_equal(split[f"moment_{f}"], wide[f"moment_{f}"])
+    assert not np.array_equal(split["moment_zz"], narrow["moment_zz"])  # the 5-frame median did change the fit's data
+    np.testing.assert_allclose(split["moment_zz"], clip_moments(FaceSignals.from_row(wide)).zz)
+    with pytest.raises(ConfigError, match="fit_smooth_frames=4 must be odd"):
+        InvertConfig(fit_smooth_frames=4)
+
+
 def test_events_schema_and_vocabulary(inverted_sample):
     ev = pq.read_table(inverted_sample / "events.parquet")
     assert ev.schema.equals(EVENTS_SCHEMA)
