@@ -65,7 +65,7 @@ from cogportrait.face.model import (
     LinearFaceModel,
     resolve_generic,
 )
-from cogportrait.face.signals import FaceSignals, prepare_frames, proxy_matrix
+from cogportrait.face.signals import FaceSignals, prepare_frames, proxy_matrix, smoothed
 from cogportrait.io.atomic import AtomicParquetWriter, atomic_dir, write_json, write_table
 from cogportrait.schema import (
     CLIPS_SCHEMA,
@@ -99,9 +99,8 @@ def prepare_step(row: dict, refine: str, rest: RestSettings, smooth_frames: int,
         table = table.filter(pc.equal(table.column("clip_id"), row["clip_id"]))
     else:
         table = pq.read_table(row["path"], columns=FRAME_COLUMNS, filters=[("clip_id", "==", row["clip_id"])])
-    sig = prepare_frames(table, row["identity"], row["mirrored"], refine=refine, smooth_frames=smooth_frames)
-    fit_sig = sig if fit_smooth_frames == smooth_frames else prepare_frames(
-        table, row["identity"], row["mirrored"], refine=refine, smooth_frames=fit_smooth_frames)
+    raw = prepare_frames(table, row["identity"], row["mirrored"], refine=refine)
+    sig, fit_sig = smoothed(raw, smooth_frames), smoothed(raw, fit_smooth_frames)
     idx = rest_frames(fit_sig, rest)
     moments = clip_moments(fit_sig)
     return {

@@ -7,7 +7,7 @@ tensor columns (``to_row`` / ``from_row``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -103,8 +103,7 @@ def prepare_clip(table: pa.Table, identity: str, mirrored: bool, refine: str, sm
     height = int(table.column("height")[0].as_py())
     present = present & np.all(np.isfinite(pts.reshape(t, -1)), axis=1) & np.all(np.isfinite(tr), axis=1)
     canon, _, iod = canonical_clip(pts, tr, width, height, present, mirrored=mirrored, refine=refine)
-    canon, au, gaze, nuisance = denoise(canon, au, signed_gaze(gz4), nuisance, present, smooth_frames)
-    return FaceSignals(
+    raw = FaceSignals(
         clip_id=clip_id,
         identity=identity,
         frame=table.column("frame").to_numpy().astype(np.int64),
@@ -112,11 +111,21 @@ def prepare_clip(table: pa.Table, identity: str, mirrored: bool, refine: str, sm
         canon=canon,
         lid=lid_features(canon),
         au=au,
-        gaze=gaze,
+        gaze=signed_gaze(gz4),
         head_pose=pose,
         iod_px=iod,
         nuisance=nuisance,
     )
+    return smoothed(raw, smooth_frames)
+
+
+def smoothed(raw: FaceSignals, frames: int) -> FaceSignals:
+    """Unfiltered signals (``prepare_clip`` with ``smooth_frames=1``) through ``denoise`` over
+    ``frames`` frames: one pose normalisation can serve several filters (the fit's and the inversion's)."""
+    if frames <= 1:
+        return raw
+    canon, au, gaze, nuisance = denoise(raw.canon, raw.au, raw.gaze, raw.nuisance, raw.present, frames)
+    return replace(raw, canon=canon, lid=lid_features(canon), au=au, gaze=gaze, nuisance=nuisance)
 
 
 def denoise(
