@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from cogportrait.behavior.events import Event, excursions, eye_closures, hysteresis
+from cogportrait.behavior.events import Event, excursions, eye_closures, hysteresis, sided
 from cogportrait.config import ConfigError, EventsConfig
 
 LP_D0_BLINK = {"closed": (65, 67), "span": (64, 69)}
@@ -68,6 +68,22 @@ def test_excursions_are_relative_to_the_clip_median():
     assert (e.start_frame, e.end_frame, e.eyes) == (20, 25, "left")
     assert e.amplitude == pytest.approx(0.2)
     assert excursions(np.full(50, 0.9), 0.15, 0.08, 3, "frown") == []
+
+
+def test_a_brow_at_its_ceiling_counts_as_raised():
+    """A raise found on the right counts for both brows when the left is at its ceiling meanwhile
+    (held up for most of the clip, it has no room to rise above its median), and for the right
+    alone when the left stays down."""
+    right = np.full(60, 0.5)
+    right[20:30] = 0.8
+    left = np.full(60, 0.9)
+    left[20:30] = 0.98  # within off (0.08) of 1
+    [e] = sided(left, right, 0.15, 0.08, 3, "brow_raise")
+    assert (e.start_frame, e.end_frame, e.eyes) == (20, 29, "both")
+    left[:] = 0.5
+    left[20:30] = 0.6  # rises, but neither by on nor to the ceiling
+    [e] = sided(left, right, 0.15, 0.08, 3, "brow_raise")
+    assert e.eyes == "right"
 
 
 def test_event_type_vocabulary_is_closed():

@@ -4,6 +4,7 @@ controls -> Π -> keypoints (+ 0.5 px noise) -> inversion on real controls from 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.compute as pc
@@ -14,30 +15,38 @@ from scipy.optimize import lsq_linear
 
 from cogportrait.config import InversionSettings
 from cogportrait.face.inversion import invert_clip, solve_box_ls, solve_frames
-from cogportrait.face.fitting import RestData, fit_face_model, generic_from_fit, r2_by_group, sum_stats, with_prior
+from cogportrait.face.fitting import RestData, baseline_from_rest, fit_face_model, generic_from_fit, r2_by_group, sum_stats, with_prior
 from cogportrait.face.mapping import Placement, canonical_keypoints, controls_to_keypoints
 from cogportrait.face.model import (
     DIMS_MIRROR,
     GENERIC_FOLDER,
+    GROUP_REGRESSORS,
     N_DIMS,
     N_REG,
     REGRESSORS,
+    NOT_MOVING_BROWS,
+    REFERENCE_BROW_GAP,
     STAT_FIELDS,
     ClipMoments,
     ClipStats,
     NUISANCE_TERMS,
     GenericFaceModel,
     LinearFaceModel,
+    brow_gaps,
+    displacement_scale,
     load_baselines,
     mirror_basis,
     raw_features,
+    group_dims,
+    identity_basis,
+    regressor_side,
     ridge_solve,
     save_baselines,
     sse,
 )
 from cogportrait.face.pose import lid_features, normalise_points, rotation_from_head_pose, to_pixels
 from cogportrait.face.signals import LID_KEYS, denoise, nuisance_blendshapes
-from cogportrait.schema import AU_CHANNELS, BLENDSHAPE_NAMES, CHANNEL_INDEX
+from cogportrait.schema import AU_CHANNELS, BLENDSHAPE_NAMES, CHANNEL_INDEX, keypoint_slice
 
 # Round-trip tolerances (mean absolute error over frames, control units; angles exact):
 # per-frame channels recover within 0.03 (AU5, AU7, the weakly identified lid channels, 0.06);
@@ -58,10 +67,62 @@ def test_box_solver_matches_scipy():
         assert np.allclose(ours[i], ref, atol=1e-5)
 
 
+def basis_support() -> np.ndarray:
+    """R x D: where a fitted basis may be non-zero (model.group_regressors)."""
+    support = np.zeros((N_REG, N_DIMS), dtype=bool)
+    for group, regs in GROUP_REGRESSORS.items():
+        support[np.ix_(regs, group_dims(group))] = True
+    return support
+
+
+def random_basis(rng, scale: float) -> np.ndarray:
+    """A random basis with the model's support (what data made by a real face could give)."""
+    return rng.normal(size=(N_REG, N_DIMS)) * scale * basis_support()
+
+
+def test_basis_support_is_anatomical_and_mirror_symmetric():
+    support = basis_support()
+    for r, name in enumerate(REGRESSORS):
+        side = regressor_side(name)
+        for group in GROUP_REGRESSORS:
+            dims = group_dims(group)
+            crossed = side is not None and not group.startswith(side)
+            blocked = group.endswith("brow") and name in NOT_MOVING_BROWS
+            assert support[r, dims].all() == (not crossed and not blocked), (name, group)
+    assert regressor_side("AU45L") == "left" and regressor_side("mouthSmileRight") == "right" and regressor_side("AU1") is None
+    assert np.array_equal(mirror_basis(support.astype(float)) != 0, support)
+
+
+def test_support_reads_a_wink_that_the_training_people_never_did():
+    """In the training data both eyes always blink together. A free fit cannot tell AU45L's
+    geometry from AU45R's (it splits them), so a wink of the left eye reads as a half blink of both;
+    the model's support gives each eye its own blink, and the wink inverts as AU45L alone."""
+    rng = np.random.default_rng(11)
+    truth = np.zeros((N_REG, N_DIMS))
+    for reg, group in (("AU45L", "left_eye"), ("AU45R", "right_eye")):
+        dims = group_dims(group)
+        truth[REGRESSORS.index(reg), dims[1::3]] = -rng.uniform(0.05, 0.15, len(dims) // 3)  # the lid points go down
+    x = np.zeros((300, N_REG))
+    blink = rng.uniform(0, 1, 300)
+    x[:, REGRESSORS.index("AU45L")] = x[:, REGRESSORS.index("AU45R")] = blink
+    stats = ClipStats.of(x, x @ truth + rng.normal(size=(300, N_DIMS)) * 1e-3)
+    basis = ridge_solve(stats, 1e-4)
+    assert np.all(basis[~basis_support()] == 0)
+    wink = np.zeros(N_REG)
+    wink[REGRESSORS.index("AU45L")] = 0.8
+    seen = wink @ truth
+    ours = np.linalg.lstsq(basis.T, seen, rcond=None)[0]
+    assert abs(ours[REGRESSORS.index("AU45L")] - 0.8) < 0.05 and abs(ours[REGRESSORS.index("AU45R")]) < 0.05
+    lam = 1e-4 * len(x)
+    free = np.linalg.solve(stats.xtx + lam * np.eye(N_REG), stats.xtd)  # no support: the old fit
+    theirs = np.linalg.lstsq(free.T, seen, rcond=None)[0]
+    assert abs(theirs[REGRESSORS.index("AU45R")]) > 0.2  # the wink leaks into the other eye
+
+
 def test_stats_give_exact_ridge_and_loco_sse():
     rng = np.random.default_rng(1)
     clips = {}
-    truth = rng.normal(size=(N_REG, N_DIMS)) * 0.1
+    truth = random_basis(rng, 0.1)
     for k in range(3):
         x = rng.normal(size=(50, N_REG))
         d = x @ truth + rng.normal(size=(50, N_DIMS)) * 0.01
@@ -71,7 +132,10 @@ def test_stats_give_exact_ridge_and_loco_sse():
     b = ridge_solve(total, 1e-3)
     x_all = np.concatenate([x for x, _ in clips.values()])
     d_all = np.concatenate([d for _, d in clips.values()])
-    direct = np.linalg.solve(x_all.T @ x_all + 1e-3 * len(x_all) * np.eye(N_REG), x_all.T @ d_all)
+    direct = np.zeros((N_REG, N_DIMS))  # per keypoint group, ridge over the regressors that can move it
+    for group, regs in GROUP_REGRESSORS.items():
+        xg, dims = x_all[:, regs], group_dims(group)
+        direct[np.ix_(regs, dims)] = np.linalg.solve(xg.T @ xg + 1e-3 * len(x_all) * np.eye(len(regs)), xg.T @ d_all[:, dims])
     assert np.allclose(b, direct)
     x0, d0 = clips[0]
     assert np.allclose(sse(stats[0], b), ((d0 - x0 @ b) ** 2).sum(axis=0))
@@ -201,7 +265,7 @@ def test_symmetric_fit_is_mirror_symmetric_and_learns_sides_from_each_other():
     """Only AU4L moves in the data; with symmetric=True the basis has AU4R as AU4L's mirror."""
     rng = np.random.default_rng(5)
     truth = np.zeros((N_REG, N_DIMS))
-    truth[REGRESSORS.index("AU4L")] = rng.normal(size=N_DIMS) * 0.1
+    truth[REGRESSORS.index("AU4L")] = random_basis(rng, 0.1)[REGRESSORS.index("AU4L")]
     x = np.zeros((200, N_REG))
     x[:, REGRESSORS.index("AU4L")] = rng.uniform(0, 1, 200)
     stats = ClipStats.of(x, x @ truth)
@@ -211,15 +275,27 @@ def test_symmetric_fit_is_mirror_symmetric_and_learns_sides_from_each_other():
     assert np.abs(ridge_solve(stats, 1e-6)[REGRESSORS.index("AU4R")]).max() < 1e-9  # asymmetric fit: AU4R unseen
 
 
-def _synthetic_identities(rng, truth, n_ids=4, clips_per_id=2, frames=60):
-    """Identities with rest frames exactly at rest (zero regressors) and moving frames k = b + x B."""
+def _face(rng, brow_gap_factor: float) -> np.ndarray:
+    """62 x 3 rest keypoints of a plausible face: the shipped average with its brows
+    ``brow_gap_factor`` times as far above the eyes, and a little noise."""
+    kp = GenericFaceModel.load(GENERIC_FOLDER).average.keypoints.copy()
+    for side in ("left", "right"):
+        brow, eye = keypoint_slice(f"{side}_brow"), keypoint_slice(f"{side}_eye")
+        eye_y = kp[eye, 1].mean()
+        kp[brow, 1] = eye_y + (kp[brow, 1] - eye_y) * brow_gap_factor
+    return kp + rng.normal(size=kp.shape) * 0.005
+
+
+def _synthetic_identities(rng, truth, n_ids=4, clips_per_id=2, frames=60, gap_factors=None):
+    """Identities with rest frames exactly at rest (zero regressors) and moving frames
+    k = b + x B_i, B_i the stored basis ``truth`` scaled to the identity's brows (identity_basis)."""
     rest, moments, identity_of = {}, {}, {}
     rest_au = np.full(10, 0.1)
     rest_au[AU_CHANNELS.index("AU41")] = 0.0
     rest_nu = np.full(len(NUISANCE_TERMS), 0.05)
     for i in range(n_ids):
         ident = f"person{i}"
-        b = rng.normal(size=(62, 3)) * 0.3
+        b = _face(rng, gap_factors[i] if gap_factors else 0.8 + 0.15 * i)
         k = 10
         rest[ident] = RestData(np.repeat(b[None], k, 0), np.repeat(rest_au[None], k, 0), np.zeros((k, 2)), np.zeros((k, 3)),
                                np.ones((k, len(LID_KEYS))), np.repeat(rest_nu[None], k, 0))
@@ -229,17 +305,53 @@ def _synthetic_identities(rng, truth, n_ids=4, clips_per_id=2, frames=60):
             nu = rng.uniform(0, 0.8, (frames, len(NUISANCE_TERMS)))
             z = raw_features(au, gaze, pose, nu)
             x = z - raw_features(rest_au[None], np.zeros((1, 2)), np.zeros((1, 3)), rest_nu[None])
-            kk = b.reshape(N_DIMS) + x @ truth + rng.normal(size=(frames, N_DIMS)) * 0.002
+            basis = identity_basis(truth, baseline_from_rest(ident, rest[ident]))
+            kk = b.reshape(N_DIMS) + x @ basis + rng.normal(size=(frames, N_DIMS)) * 0.002
             moments[f"{ident}-{c}"] = ClipMoments.of(z, kk)
             identity_of[f"{ident}-{c}"] = ident
     return rest, moments, identity_of
+
+
+def test_brows_travel_in_proportion_to_their_gap():
+    """The same controls move a face's brows (y) in proportion to its brow–eye gap, and nothing
+    else; the fit recovers the stored basis from people whose gaps differ, where a fit in IOD
+    units averages their travel."""
+    generic = GenericFaceModel.load(GENERIC_FOLDER)
+    rng = np.random.default_rng(12)
+    near, far = (replace(generic.average, identity=name, keypoints=_face(rng, f)) for name, f in (("near", 0.8), ("far", 1.2)))
+    gaps_near, gaps_far = brow_gaps(near.keypoints), brow_gaps(far.keypoints)
+    assert np.all(gaps_far / gaps_near > 1.4)
+    scale = displacement_scale(far)
+    brow_y = np.concatenate([group_dims(g)[1::3] for g in ("left_brow", "right_brow")])
+    assert np.allclose(scale[brow_y], np.repeat(gaps_far / REFERENCE_BROW_GAP, 10))
+    assert np.all(np.delete(scale, brow_y) == 1.0)
+    controls = np.zeros((2, len(CHANNEL_INDEX)))
+    controls[:, CHANNEL_INDEX["AU1"]] = (0.1, 0.6)  # only AU1 changes: rest values cancel in the difference
+    move = {b.identity: np.diff(canonical_keypoints(controls, generic.model, b), axis=0)[0].ravel() for b in (near, far)}
+    assert np.allclose(move["far"][brow_y] / move["near"][brow_y], np.repeat(gaps_far / gaps_near, 10))
+    assert np.allclose(np.delete(move["far"], brow_y), np.delete(move["near"], brow_y))
+    scaled = generic.model.for_identity(far)
+    assert scaled.for_identity(far) is scaled  # callers may pass either
+    with pytest.raises(ValueError, match="already scaled"):
+        scaled.for_identity(near)
+    with pytest.raises(ValueError, match="not saved"):
+        scaled.save("/nonexistent")
+    with pytest.raises(ValueError, match="not a face"):
+        displacement_scale(replace(near, keypoints=np.zeros((62, 3))))
+    # two people whose gaps differ by 2x, each one's brows moving by its own gap
+    truth = random_basis(rng, 0.05)
+    rest, moments, identity_of = _synthetic_identities(rng, truth, n_ids=2, frames=120, gap_factors=(0.7, 1.4))
+    fit = fit_face_model(rest, moments, identity_of, 1e-6)
+    assert np.abs(fit.model.basis - truth).max() < 2e-3
+    iod_units = ridge_solve(sum_stats(fit.stats.values()), 1e-6)
+    assert np.abs(iod_units - truth)[:, brow_y].max() > 0.01
 
 
 def test_loio_basis_never_sees_the_held_out_identity():
     """Changing one person's frames changes every LOIO basis but the one that holds that person out;
     an unlabelled clip (identity key ``clip:…``) is neither held out nor in the held-out fits."""
     rng = np.random.default_rng(6)
-    truth = rng.normal(size=(N_REG, N_DIMS)) * 0.05
+    truth = random_basis(rng, 0.05)
     rest, moments, identity_of = _synthetic_identities(rng, truth)
     moments["extra"], identity_of["extra"] = moments["person0-0"], "clip:extra"
     rest["clip:extra"] = rest["person0"]
@@ -256,7 +368,7 @@ def test_loio_basis_never_sees_the_held_out_identity():
 
 def test_generic_prior_drops_identities_exactly_and_round_trips(tmp_path):
     rng = np.random.default_rng(7)
-    truth = rng.normal(size=(N_REG, N_DIMS)) * 0.05
+    truth = random_basis(rng, 0.05)
     rest, moments, identity_of = _synthetic_identities(rng, truth)
     fit = fit_face_model(rest, moments, identity_of, 1e-4, symmetric=True)
     generic = generic_from_fit(fit, identity_of, {"fitting_set": "synthetic"})
@@ -266,7 +378,7 @@ def test_generic_prior_drops_identities_exactly_and_round_trips(tmp_path):
     # dropping person0 by name and person1 by a shared clip id: exactly the other two people's stats
     prior, used = again.prior({"person0"}, {"person1-1"}, frames=500.0)
     assert used == ["person2", "person3"]
-    direct = sum_stats(fit.stats[c] for c in fit.stats if identity_of[c] in used)
+    direct = sum_stats(fit.stats[c].in_basis_units(fit.baselines[identity_of[c]]) for c in fit.stats if identity_of[c] in used)
     for f in STAT_FIELDS:
         assert np.allclose(getattr(prior, f), getattr(direct, f) * 500.0 / direct.n), f
     assert np.isclose(prior.n, 500.0)

@@ -36,7 +36,7 @@ def test_controls_cover_every_frame(extracted_sample, inverted_sample):
 def test_face_model_artefact(inverted_sample):
     folder = inverted_sample / "face_model"
     meta = json.loads((folder / "model.json").read_text())
-    assert meta["version"] == MODEL_VERSION == 2 and "gaze_horizontal" in meta["regressors"]
+    assert meta["version"] == MODEL_VERSION == 3 and "gaze_horizontal" in meta["regressors"]
     assert meta["regressors"][-len(NUISANCE_TERMS):] == list(NUISANCE_TERMS)  # the smile: fitted, only subtracted
     model = LinearFaceModel.load(folder)
     assert model.basis.shape == (len(meta["regressors"]), 186)

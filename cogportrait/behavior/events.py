@@ -130,13 +130,22 @@ def excursions(
 
 
 def sided(left: np.ndarray, right: np.ndarray, on: float, off: float, min_len: int, kind: str) -> list[Event]:
-    """Left/right/both events from two channels (e.g. brow raises), merged like eye closures."""
-    ev = {side: excursions(sig, on, off, min_len, kind, side) for side, sig in (("left", left), ("right", right))}
-    merged = _merge([(x.start_frame, x.end_frame, side) for side, lst in ev.items() for x in lst])
+    """Left/right/both events from two channels in [0, 1] (e.g. brow raises), merged like eye closures.
+
+    An event found on one side also counts for the other when that side is at its ceiling during
+    it (within ``off`` of 1): a brow held up for most of a clip has its median there and cannot
+    rise above it by ``on``, yet it is plainly up while the other one rises.
+    """
+    signals = {"left": left, "right": right}
+    ev = {side: excursions(sig, on, off, min_len, kind, side) for side, sig in signals.items()}
     out = []
-    for s, e, sides in merged:
+    for s, e, sides in _merge([(x.start_frame, x.end_frame, side) for side, lst in ev.items() for x in lst]):
         members = [x for side in sides for x in ev[side] if x.start_frame >= s and x.end_frame <= e]
         best = max(members, key=lambda x: x.amplitude)
+        if len(sides) == 1:
+            other = "right" if "left" in sides else "left"
+            if np.nanmax(signals[other][s : e + 1]) >= 1.0 - off:
+                sides = sides | {other}
         out.append(Event(kind, s, e, best.apex_frame, "both" if len(sides) == 2 else next(iter(sides)), best.peak, best.amplitude))
     return out
 

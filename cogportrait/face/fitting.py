@@ -30,6 +30,7 @@ from cogportrait.face.model import (
     LinearFaceModel,
     estimate_baseline,
     group_dims,
+    identity_basis,
     raw_features,
     regressors,
     rest_mask,
@@ -94,7 +95,7 @@ def refine_baseline(baseline: Baseline, rest: RestData, basis: np.ndarray) -> Ba
     ok = np.all(np.isfinite(x), axis=1) & np.all(np.isfinite(d), axis=1)
     if not ok.any():
         return baseline
-    delta = np.median(d[ok] - x[ok] @ basis, axis=0)
+    delta = np.median(d[ok] - x[ok] @ identity_basis(basis, baseline), axis=0)
     return replace(baseline, keypoints=baseline.keypoints + delta.reshape(baseline.keypoints.shape))
 
 
@@ -115,7 +116,8 @@ GROUP_DIMS["overall"] = np.arange(N_DIMS)
 
 
 def r2_by_group(stats_by_clip: dict[str, ClipStats], bases: dict[str, np.ndarray], planar: bool = False) -> dict[str, float]:
-    """Pooled R² per keypoint group of each clip's data under the basis given for that clip.
+    """Pooled R² per keypoint group of each clip's data under the basis given for that clip (its
+    identity's, ``identity_basis``).
 
     ``planar`` scores the x, y coordinates only (what Stage 2 renders); else x, y, z.
     """
@@ -205,12 +207,13 @@ class FaceModelFit:
     model: LinearFaceModel
     baselines: dict[str, Baseline]
     stats: dict[str, ClipStats]  # each clip's ridge statistics under its identity's final baseline
-    loco: dict[str, tuple[np.ndarray, Baseline]] = field(default_factory=dict)  # clip -> basis without it, re-centred baseline
+    loco: dict[str, tuple[np.ndarray, Baseline]] = field(default_factory=dict)  # clip -> stored basis without it, re-centred baseline
     loco_stats: dict[str, ClipStats] = field(default_factory=dict)
-    loio: dict[str, tuple[np.ndarray, Baseline]] = field(default_factory=dict)  # identity -> basis without it, its re-centred baseline
+    loio: dict[str, tuple[np.ndarray, Baseline]] = field(default_factory=dict)  # identity -> stored basis without it, its re-centred baseline
     loio_stats: dict[str, ClipStats] = field(default_factory=dict)  # clip -> statistics under its identity's LOIO baseline
     loio_identity: dict[str, str] = field(default_factory=dict)  # clip -> its held-out identity (the clips LOIO scores)
     loio_labelled: bool = True  # False: no clip had a stated identity, LOIO holds out single clips
+    identity_of: dict[str, str] = field(default_factory=dict)  # clip -> identity, every fitted clip
 
 
 def sum_stats(items) -> ClipStats:
@@ -258,25 +261,26 @@ def fit_face_model(
     baselines (re-centring each of them per held-out identity would cost O(identities²)).
     """
     first = {ident: baseline_from_rest(ident, r) for ident, r in rest.items()}
-    stats0 = {c: m.stats(first[identity_of[c]]) for c, m in moments.items()}
-    model0 = LinearFaceModel.fit(with_prior(sum_stats(stats0.values()), prior, symmetric), ridge)
+    units0 = {c: m.stats(first[identity_of[c]]).in_basis_units(first[identity_of[c]]) for c, m in moments.items()}
+    model0 = LinearFaceModel.fit(with_prior(sum_stats(units0.values()), prior, symmetric), ridge)
     baselines = {i: refine_baseline(b, rest[i], model0.basis) for i, b in first.items()}
-    stats = {c: m.stats(baselines[identity_of[c]]) for c, m in moments.items()}
-    total = sum_stats(stats.values())
+    stats = {c: m.stats(baselines[identity_of[c]]) for c, m in moments.items()}  # IOD units: what R² is measured in
+    units = {c: s.in_basis_units(baselines[identity_of[c]]) for c, s in stats.items()}  # what the basis is fitted from
+    total = sum_stats(units.values())
     model = LinearFaceModel.fit(with_prior(total, prior, symmetric), ridge, {
         **(meta or {}), "clips": len(stats), "frames": int(total.n), "identities": len(baselines), "symmetric": symmetric,
         "prior_frames": float(prior.n) if prior is not None else 0.0,
     })
-    fit = FaceModelFit(model, baselines, stats)
+    fit = FaceModelFit(model, baselines, stats, identity_of={c: identity_of[c] for c in stats})
     if len(stats) >= 2:
-        for cid, s in stats.items():
+        for cid, s in units.items():
             fit.loco[cid] = _held_out(total - s, prior, symmetric, ridge, first[identity_of[cid]], rest[identity_of[cid]])
             fit.loco_stats[cid] = moments[cid].stats(fit.loco[cid][1])
     held, fit.loio_labelled = loio_identities({c: identity_of[c] for c in stats})
     if len(held) >= 2:
-        pool = sum_stats(s for c, s in stats.items() if identity_of[c] in held)
+        pool = sum_stats(s for c, s in units.items() if identity_of[c] in held)
         for ident in held:
-            own = sum_stats(s for c, s in stats.items() if identity_of[c] == ident)
+            own = sum_stats(s for c, s in units.items() if identity_of[c] == ident)
             fit.loio[ident] = _held_out(pool - own, prior, symmetric, ridge, first[ident], rest[ident])
             for cid in (c for c in stats if identity_of[c] == ident):
                 fit.loio_stats[cid] = moments[cid].stats(fit.loio[ident][1])
@@ -321,9 +325,9 @@ def quality_report(fit: FaceModelFit, fit_corr: CorrSums | None, loco_corr: Corr
     def r2(stats: dict[str, ClipStats], bases: dict[str, np.ndarray], planar: bool) -> dict[str, float | None]:
         return _rounded(r2_by_group(stats, bases, planar=planar)) if stats else {}
 
-    bases = {c: fit.model.basis for c in fit.stats}
-    loco_bases = {c: v[0] for c, v in fit.loco.items()}
-    loio_bases = {c: fit.loio[ident][0] for c, ident in fit.loio_identity.items()}
+    bases = {c: identity_basis(fit.model.basis, fit.baselines[fit.identity_of[c]]) for c in fit.stats}
+    loco_bases = {c: identity_basis(*held) for c, held in fit.loco.items()}
+    loio_bases = {c: identity_basis(*fit.loio[ident]) for c, ident in fit.loio_identity.items()}
     r2_loio_xy = r2(fit.loio_stats, loio_bases, True)
     loio_c = corr(loio_corr)
     gates = {

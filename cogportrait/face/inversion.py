@@ -118,6 +118,7 @@ def solve_frames(
     = mean keypoint distance to the model's reconstruction, IOD units).
     """
     t = len(canon)
+    model = model.for_identity(baseline)
     d = canon.reshape(t, N_DIMS) - baseline.keypoints.reshape(N_DIMS)
     d = d - pose_terms(head_pose, baseline) @ model.basis_pose  # pose is known: remove its part
     if nuisance is not None:  # so are the nuisance blendshapes; a frame without them counts as at rest

@@ -40,6 +40,7 @@ def canonical_keypoints(controls: np.ndarray, model: LinearFaceModel, baseline: 
     da = a - baseline.au[list(FIT_AU_INDEX)]
     g = signed_gaze(c[:, CHANNEL_INDEX["gaze_left"] : CHANNEL_INDEX["gaze_down"] + 1])
     dg = g - baseline.gaze
+    model = model.for_identity(baseline)
     d = da @ model.basis_au + dg @ model.basis_gaze + pose_terms(c[:, CHANNEL_INDEX["yaw"] :], baseline) @ model.basis_pose
     return (baseline.keypoints.reshape(1, N_DIMS) + d).reshape(-1, N_KEYPOINTS, 3)
 
