@@ -38,6 +38,7 @@ from cogportrait.metrics.identity import IdentityBackendError
 from cogportrait.schema import TableError
 from prototype_store.errors import LibraryError
 from prototype_store.retrieval import TargetError, UnknownChannelError
+from cogportrait.face.model import FaceModelError
 from cogportrait.face.tps import AlignmentError
 from training.errors import SampleInputError, TrainingDataError
 
@@ -48,7 +49,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, ManifestError, ModelFileError, VideoError, TableError, LibraryError, TargetError, UnknownChannelError,
     AUBackendError, FileNotFoundError, UnknownCategoryError, CategoryTableError, InstructionError, VocabularyError,
     PlanningError, ReferencePortraitError, CompileInputError, SampleInputError, AlignmentError,
-    TrainingDataError, AnnotationError, IdentityBackendError,
+    TrainingDataError, AnnotationError, IdentityBackendError, FaceModelError,
 )
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C

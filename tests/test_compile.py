@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import wave
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 
 from cogportrait.agents.compiler import CompileRequest
 from cogportrait.config import EventsConfig, IndexConfig
+from cogportrait.face.model import MODEL_VERSION
 from cogportrait.schema import CHANNEL_INDEX, CLIP_FPS
 from pipelines.cli import main
 
@@ -164,6 +166,17 @@ def test_compile_writes_every_output(params_file, tmp_path, capsys):
     assert len(csv_rows) == T + 1 and csv_rows[0].startswith("Timecode,")
     critic = json.loads((out / "critic.json").read_text())
     assert {c["name"] for c in critic["checks"]} >= {"blink_duration", "head_velocity", "event_targets"}
+
+
+def test_a_face_model_of_another_version_is_a_one_line_user_error(params_file, compile_cfg, tmp_path, capsys):
+    old = tmp_path / "face_model"
+    shutil.copytree(compile_cfg.face_model, old)
+    info = json.loads((old / "model.json").read_text())
+    (old / "model.json").write_text(json.dumps({**info, "version": MODEL_VERSION - 1}))
+    code = main(["--params", str(params_file), "compile", "--label", "drowsy", "--duration", "2", "--out", str(tmp_path / "out"),
+                 "--set", f"compile.face_model={old}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "rerun invert" in err and len(err.splitlines()) == 1, err
 
 
 def test_reference_head_pose_starts_the_sequence(compiler):

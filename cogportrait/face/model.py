@@ -122,6 +122,11 @@ def mirror_basis(basis: np.ndarray) -> np.ndarray:
     return s[:, None] * basis[np.ix_(p, q)] * t[None, :]
 
 
+class FaceModelError(ValueError):
+    """A face model or generic model folder this code cannot read: another version or layout, or
+    edited since it was written. The user's fix is to rerun invert (or fit-generic)."""
+
+
 @dataclass
 class Baseline:
     """An identity's neutral rest state: keypoints b, proxy rest values, lid geometry."""
@@ -422,9 +427,9 @@ class LinearFaceModel:
         folder = Path(folder)
         info = json.loads((folder / "model.json").read_text())
         if info.get("version") != MODEL_VERSION:
-            raise ValueError(f"face model version {info.get('version')} in {folder}; this code reads {MODEL_VERSION}")
+            raise FaceModelError(f"face model version {info.get('version')} in {folder}; this code reads {MODEL_VERSION}: rerun invert")
         if tuple(info["regressors"]) != REGRESSORS or tuple(info["keypoint_indices"]) != KEYPOINT_INDICES:
-            raise ValueError(f"face model in {folder} has a different layout (regressors or keypoints)")
+            raise FaceModelError(f"face model in {folder} has a different layout (regressors or keypoints): rerun invert")
         with np.load(folder / "model.npz", allow_pickle=False) as z:
             basis = z["basis"]
         return LinearFaceModel(basis, float(info["ridge"]), int(info["version"]), info.get("meta", {}))
@@ -451,7 +456,7 @@ def save_baselines(path: str | Path, baselines: dict[str, Baseline]) -> None:
 def load_baselines(path: str | Path) -> dict[str, Baseline]:
     with np.load(path, allow_pickle=False) as z:
         if "nuisance" not in z.files or z["nuisance"].shape[1:] != (len(NUISANCE_TERMS),):
-            raise ValueError(f"baselines in {path} predate face model version {MODEL_VERSION} (no rest values of "
+            raise FaceModelError(f"baselines in {path} predate face model version {MODEL_VERSION} (no rest values of "
                              f"{', '.join(NUISANCE_TERMS)}); rerun invert")
         return {
             str(ident): Baseline(
@@ -602,12 +607,14 @@ class GenericFaceModel:
             raise FileNotFoundError(f"no generic face model at {folder} (make one with `cogportrait face fit-generic`)")
         info = json.loads((folder / "generic.json").read_text())
         if info.get("version") != GENERIC_VERSION:
-            raise ValueError(f"generic face model version {info.get('version')} in {folder}; this code reads {GENERIC_VERSION}")
+            raise FaceModelError(f"generic face model version {info.get('version')} in {folder}; this code reads {GENERIC_VERSION}: "
+                                 "refit it with `cogportrait face fit-generic`")
         if tuple(info["regressors"]) != REGRESSORS or tuple(info["keypoint_indices"]) != KEYPOINT_INDICES:
-            raise ValueError(f"generic face model in {folder} has a different layout (regressors or keypoints)")
+            raise FaceModelError(f"generic face model in {folder} has a different layout (regressors or keypoints): "
+                                 "refit it with `cogportrait face fit-generic`")
         digest = generic_content_sha256(folder)
         if digest != info.get("content_sha256"):
-            raise ValueError(f"generic face model in {folder}: content sha256 {digest} != {info.get('content_sha256')} in generic.json")
+            raise FaceModelError(f"generic face model in {folder}: content sha256 {digest} != {info.get('content_sha256')} in generic.json")
         model = LinearFaceModel.load(folder)
         with np.load(folder / "generic.npz", allow_pickle=False) as z:
             ids = [str(i) for i in z["identity"]]
