@@ -30,6 +30,7 @@ from cogportrait.agents.planner import PlanningError
 from cogportrait.config import STAGE_CONFIGS, ConfigError, from_mapping, load_params, parse_value, set_dotted
 from cogportrait.curate.manifest import ManifestError
 from cogportrait.face.au_backends import AUBackendError
+from cogportrait.face.model import FaceModelError
 from cogportrait.face.model_files import ModelFileError
 from cogportrait.face.reference import ReferencePortraitError
 from cogportrait.io.video import VideoError
@@ -38,7 +39,6 @@ from cogportrait.metrics.identity import IdentityBackendError
 from cogportrait.schema import TableError
 from prototype_store.errors import LibraryError
 from prototype_store.retrieval import TargetError, UnknownChannelError
-from cogportrait.face.model import FaceModelError
 from cogportrait.face.tps import AlignmentError
 from training.errors import SampleInputError, TrainingDataError
 
