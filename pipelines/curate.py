@@ -41,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 from tqdm import tqdm
 
@@ -69,7 +68,7 @@ from cogportrait.curate.text import TextDetector
 from cogportrait.curate.tracking import FaceTracker
 from cogportrait.io.atomic import write_json, write_table
 from cogportrait.schema import CLIP_FPS, CLIPS_SCHEMA, CURATE_STEP_TIMERS as STEP_TIMERS, REJECTS_SCHEMA
-from pipelines._ray import ONE_ROW_PER_BLOCK, start_ray
+from pipelines._ray import ONE_ROW_PER_BLOCK, one_block_each, start_ray
 
 log = logging.getLogger("cogportrait.curate")
 
@@ -245,7 +244,7 @@ def _run_videos(cfg: CurateConfig, videos: list[Row], out_dir: Path, journal: Jo
     start_ray(cfg.num_workers, ONE_ROW_PER_BLOCK)
     heavy = cfg.num_workers  # slots for each of the two heavy stages
     # one block per video, typed by ROW_SCHEMA from the start
-    ds = ray.data.from_arrow([rows_table([new_row(r)]) for r in videos])
+    ds = one_block_each([rows_table([new_row(r)]) for r in videos])
     # 1:1 video -> video; opens the file, decodes one frame                  (light; the scan's resources,
     #                                                                          so Ray fuses it into the scan actor)
     ds = ds.map_batches(per_row(probe_step), fn_kwargs={"cfg": cfg}, **ROWS, num_cpus=HEAVY_CPUS, compute=TaskPoolStrategy(size=heavy))

@@ -73,7 +73,7 @@ from cogportrait.schema import (
     make_id,
 )
 from training.checkpoint import resolve_checkpoint
-from pipelines._ray import ONE_ROW_PER_BLOCK, start_ray
+from pipelines._ray import ONE_ROW_PER_BLOCK, one_block_each, start_ray
 from pipelines.compile import audio_seconds, compile_to, make_backend, make_request, n_frames_for, open_compiler
 from training.config import Stage2Config, load_stage2_config, resolve_paths
 
@@ -423,7 +423,7 @@ def run(cfg: GenerateConfig, compile_cfg: CompileConfig, events_cfg: EventsConfi
         gpus = cfg.gpus_per_worker if resources.get("GPU", 0) > 0 else 0.0
         log.info("Ray at %s: %g CPUs, %g GPUs; %d actors with %d CPUs and %g GPUs each", ray.get_runtime_context().gcs_address,
                  resources.get("CPU", 0), resources.get("GPU", 0), workers, cfg.cpus_per_worker, gpus)
-        ds = ray.data.from_arrow([pa.Table.from_pylist([t], schema=GENERATE_TASK_SCHEMA) for t in pending])
+        ds = one_block_each([pa.Table.from_pylist([t], schema=GENERATE_TASK_SCHEMA) for t in pending])
         # 1:1 request -> its folder + a generated or rejected row; Stage 1 (ms-s) then Stage 2 (the bulk)
         #   (actor: compiler and Stage 2 model loaded once; cpus_per_worker CPUs, a GPU when there are GPUs)
         ds = ds.map_batches(GenerateRequests, fn_constructor_kwargs={"settings": settings}, **ROWS,

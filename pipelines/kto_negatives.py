@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 from ray.data import ActorPoolStrategy
 
 from cogportrait.behavior.kto_negatives import (
@@ -73,7 +72,7 @@ from cogportrait.schema import (
     check_reason,
 )
 from training.checkpoint import resolve_checkpoint
-from pipelines._ray import ONE_ROW_PER_BLOCK, start_ray
+from pipelines._ray import ONE_ROW_PER_BLOCK, one_block_each, start_ray
 
 if TYPE_CHECKING:
     from training.config import Stage2Config
@@ -272,7 +271,7 @@ def run(cfg: KtoNegativesConfig, kto_cfg: KtoConfig | None = None, extract_cfg: 
         start_ray(cfg.num_workers, ONE_ROW_PER_BLOCK)
         n = min(cfg.num_workers, len(rows))
         gpu = cfg.num_gpus > 0
-        ds = ray.data.from_arrow([_table([r]) for r in rows])
+        ds = one_block_each([_table([r]) for r in rows])
         # 1:1 candidate -> candidate + its video; decode the reference, Stage 2 sampling, x264   (heavy actor: the model loaded once)
         ds = ds.map_batches(GenerateVideos, fn_constructor_kwargs={
             "stage2_cfg": stage2, "checkpoint": str(checkpoint) if checkpoint else None, "out_dir": str(out_dir),
