@@ -136,6 +136,24 @@ def rotated_variant(src: Path, dst: Path, degrees: int = 90) -> Path:
     return dst
 
 
+def late_start_variant(src: Path, dst: Path, delay_s: float = 1.0) -> Path:
+    """The same packets (no re-encode) in MPEG-TS with every timestamp ``delay_s`` later: a
+    stream that starts late, as broadcasts and files cut without re-encoding do."""
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w", format="mpegts") as out:
+        sources = [*inp.streams.video[:1], *inp.streams.audio[:1]]
+        copies = {s.index: out.add_stream_from_template(s) for s in sources}
+        for packet in inp.demux(*sources):
+            if packet.dts is None:  # the demuxer's end-of-stream marker
+                continue
+            shift = int(round(delay_s / packet.time_base))
+            packet.pts, packet.dts = packet.pts + shift, packet.dts + shift
+            packet.stream = copies[packet.stream.index]
+            out.mux(packet)
+    return dst
+
+
 def cut_wav(src: Path, dst: Path, seconds: float) -> None:
     """The first ``seconds`` of a WAV file, same format."""
     with wave.open(str(src)) as r:

@@ -370,8 +370,11 @@ def crop_step(row: Row, cfg: CurateConfig, out_dir: str) -> Row:
             row["path"], info, row["start_frame"], row["end_frame"], times, out_times, ctrack,
             Path(out_dir) / clip_rel, CLIP_SIZE, CLIP_FPS, cfg.encode_preset, cfg.encode_crf,
         )
+        # the audio at the frames' moments: spans count from the first video frame, the container's
+        # timeline from its own zero (the audio may start before the video)
+        audio_start = row["start_time_s"] + row["start_s"]
         has_audio = row["has_audio_stream"] and extract_audio_span(
-            row["path"], row["start_s"], row["start_s"] + len(out_times) / CLIP_FPS, Path(out_dir) / audio_rel, AUDIO_SAMPLE_RATE
+            row["path"], audio_start, audio_start + len(out_times) / CLIP_FPS, Path(out_dir) / audio_rel, AUDIO_SAMPLE_RATE
         )
     except VideoError as err:
         row["t_crop"] = time.perf_counter() - t0

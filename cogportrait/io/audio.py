@@ -18,6 +18,8 @@ def extract_audio_span(
 ) -> bool:
     """Write [start_s, end_s) of the audio as mono WAV; returns False when there is no audio stream.
 
+    Times are on the container's timeline (the streams' timestamps), not from the first video frame.
+
     The output always holds exactly round((end_s - start_s) * sample_rate) samples (silence pads
     a track that ends early), so audio and the 25 fps video stay aligned sample for sample.
     """

@@ -126,11 +126,13 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
 def _frame_index(frame: av.VideoFrame, info: VideoInfo, times: np.ndarray | None, offset: int) -> int:
     """Index of a decoded frame: from known frame times when given (exact for VFR), else t * fps.
 
+    ``times`` count from the stream's first frame, as the scan records them: a stream that starts
+    late (MPEG-TS from 1.4 s, an edited MP4) has its start subtracted first.
     Returns -1 for a frame before the known times and len(times) + offset for one after them.
     """
-    t = float(frame.time) if frame.time is not None else 0.0
+    t = (float(frame.time) if frame.time is not None else 0.0) - info.start_time_s
     if times is None or len(times) == 0:
-        return int(round((t - info.start_time_s) * info.fps))
+        return int(round(t * info.fps))
     half = 0.5 / info.fps
     if t < times[0] - half:
         return -1
