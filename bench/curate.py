@@ -10,6 +10,12 @@ with 1 and 2 Ray workers. Each configuration runs in a fresh Ray instance.
 
 Per run it also reports the CPU seconds of every Ray process role (workers, driver, raylet, ...),
 which says how much of a core the job's own steps get.
+
+    python bench/curate.py --skip-sample --workers 1 --ray-cost   # also what Ray itself costs
+
+``--ray-cost`` also runs each set through the same DAG with the scan, text and crop steps handing
+back the rows they made in a recording pass over the sample (same rows, blocks, operators and Ray
+processes; no decode, no model): the job's wall time without its library work.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -83,11 +90,101 @@ def long_video_manifest(src_manifest: Path, dst_root: Path, seconds: float) -> P
     return manifest
 
 
-def run_one(manifest: Path, workers: int, out: Path) -> dict:
+# --ray-cost: sample file name -> (the scan's rows, shot by shot; each span's text verdict and crop
+# outputs, by (start_frame, end_frame)). Filled before the replay runs; this script runs as __main__,
+# so Ray ships these functions and classes by value, this table with them.
+RECORDED: dict[str, tuple[list[list[dict]], dict[tuple[int, int], dict]]] = {}
+MANIFEST_KEYS = ("video_id", "path", "source", "license", "label", "identity", "mirrored", "manifest_row")
+TEXT_KEYS = ("text_score", "text_kind")
+CLIP_KEYS = ("clip_id", "clip_path", "audio_path", "has_audio", "n_frames", "crop_box", "crop_track")
+
+
+def record_steps(manifest: Path) -> None:
+    """Run the Ray-free steps once over the sample's videos and keep what each hands on."""
+    from cogportrait.config import CurateConfig
+    from cogportrait.curate import steps
+    from cogportrait.curate.manifest import read_manifest
+    from cogportrait.curate.text import TextDetector
+    from cogportrait.curate.tracking import FaceTracker
+
+    cfg = CurateConfig(manifest=str(manifest))
+    tracker = FaceTracker(cfg.face_min_confidence, cfg.min_face_px, cfg.multi_face_area_ratio)
+    detector = TextDetector(cfg.text_det_side_px, threads=1)
+    valid, _, _ = read_manifest(cfg.manifest)
+    with tempfile.TemporaryDirectory() as out:
+        for video in valid:
+            shots = list(steps.scan_step(steps.probe_step(steps.new_row(video), cfg), cfg, tracker))
+            spans = {}
+            for span in (dict(r) for shot in shots for r in shot):
+                done = steps.crop_step(steps.filter_step(steps.text_step(span, cfg, detector), cfg), cfg, out)
+                spans[done["start_frame"], done["end_frame"]] = {k: done[k] for k in (*TEXT_KEYS, *CLIP_KEYS, "reject_stage",
+                                                                                    "reject_reason", "reject_detail")}
+            RECORDED[Path(video["path"]).name] = (shots, spans)
+    tracker.close()
+
+
+def _recorded(row: dict) -> tuple[list[list[dict]], dict]:
+    return RECORDED[re.sub(r"^r\d+_", "", Path(row["path"]).name)]  # replicas are r<k>_<name>
+
+
+class ReplayScan:
+    def __init__(self, cfg) -> None:
+        pass
+
+    def __call__(self, batch):
+        from cogportrait.curate.steps import rejected, rows_table
+
+        for row in batch.to_pylist():
+            if rejected(row):
+                yield rows_table([{**row, "video_rows": 1}])
+                continue
+            for shot in _recorded(row)[0]:
+                # the recording's step seconds are not this run's
+                yield rows_table([{**r, **{k: row[k] for k in MANIFEST_KEYS}, "t_scenes": 0.0, "t_track": 0.0} for r in shot])
+
+
+def replay_text_step(row: dict, cfg, detector) -> dict:
+    from cogportrait.curate.steps import reject, rejected
+
+    if rejected(row):
+        return row
+    done = _recorded(row)[1][row["start_frame"], row["end_frame"]]
+    row.update({k: done[k] for k in TEXT_KEYS}, text_frames=[], text_jpegs=[])
+    return reject(row, "text", done["reject_reason"], done["reject_detail"]) if done["reject_stage"] == "text" else row
+
+
+class ReplayText:
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    def __call__(self, batch):
+        from cogportrait.curate.steps import apply_step
+
+        return apply_step(replay_text_step, batch, cfg=self.cfg, detector=None)
+
+
+def crop_step(row: dict, cfg, out_dir: str) -> dict:
+    """The crop's replay (named as the step it stands in for: Ray names the operator after it)."""
+    from cogportrait.curate.steps import reject, rejected
+
+    if rejected(row):
+        return row
+    done = _recorded(row)[1][row["start_frame"], row["end_frame"]]
+    if done["reject_stage"]:
+        return reject(row, done["reject_stage"], done["reject_reason"], done["reject_detail"])
+    row.update({k: done[k] for k in CLIP_KEYS})
+    return row
+
+
+def run_one(manifest: Path, workers: int, out: Path, replay: bool = False) -> dict:
     import ray
 
+    import pipelines.curate as job
     from cogportrait.config import CurateConfig
-    from pipelines.curate import run
+
+    real_steps = job.ScanVideos, job.DetectText, job.crop_step
+    if replay:
+        job.ScanVideos, job.DetectText, job.crop_step = ReplayScan, ReplayText, crop_step
 
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     # pin this process (and so every Ray process it starts) to `workers` cores: "per core" must
@@ -98,10 +195,11 @@ def run_one(manifest: Path, workers: int, out: Path) -> dict:
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         with PeakRss(spare_cores=set(cores[workers:])) as rss:
-            metrics = run(CurateConfig(manifest=str(manifest), out=str(out), num_workers=workers))
+            metrics = job.run(CurateConfig(manifest=str(manifest), out=str(out), num_workers=workers))
     finally:
         ray.shutdown()
         os.sched_setaffinity(0, cores)
+        job.ScanVideos, job.DetectText, job.crop_step = real_steps
     return {
         "workers": workers,
         "videos": metrics["manifest_rows"],
@@ -126,7 +224,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--skip-sample", action="store_true", help="only the replicated set")
     parser.add_argument("--long-seconds", type=float, default=0, help="also one looped video this long (memory vs length)")
+    parser.add_argument("--ray-cost", action="store_true", help="also the sample sets with the steps replaying recorded rows")
     args = parser.parse_args()
+    if args.ray_cost:
+        record_steps(Path(args.manifest))
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_curate_") as tmp:
         tmp_path = Path(tmp)
@@ -137,11 +238,12 @@ def main() -> None:
             sets.append((f"long_{args.long_seconds:g}s", long_video_manifest(Path(args.manifest), tmp_path / "long", args.long_seconds)))
         for name, manifest in sets:
             for workers in args.workers:
-                out = tmp_path / f"out_{name}_{workers}"
-                result = run_one(manifest, workers, out)
-                result["set"] = name
-                results.append(result)
-                print(json.dumps(result), file=sys.stderr)
+                for replay in (False, True) if args.ray_cost and not name.startswith("long") else (False,):  # sample videos only
+                    out = tmp_path / f"out_{name}_{workers}_{replay}"
+                    result = run_one(manifest, workers, out, replay)
+                    result["set"] = f"{name}_replay" if replay else name
+                    results.append(result)
+                    print(json.dumps(result), file=sys.stderr)
     report = {
         "benchmark": "curate",
         "machine": machine_info(),
