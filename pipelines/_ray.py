@@ -30,7 +30,6 @@ def start_ray(num_cpus: int, max_block_bytes: int, preserve_order: bool = False)
     ctx.enable_operator_progress_bars = False
 
 
-
 def one_block_each(tables: list[pa.Table]) -> Dataset:
     """A dataset with each table as one block, as given (a video, a span, a generation task).
 
