@@ -140,10 +140,11 @@ class ReplayScan:
                 continue
             for shot in _recorded(row)[0]:
                 # the recording's step seconds are not this run's
-                yield rows_table([{**r, **{k: row[k] for k in MANIFEST_KEYS}, "t_scenes": 0.0, "t_track": 0.0} for r in shot])
+                yield rows_table([replay_text_step({**r, **{k: row[k] for k in MANIFEST_KEYS}, "t_scenes": 0.0, "t_track": 0.0})
+                                  for r in shot])
 
 
-def replay_text_step(row: dict, cfg, detector) -> dict:
+def replay_text_step(row: dict) -> dict:
     from cogportrait.curate.steps import reject, rejected
 
     if rejected(row):
@@ -151,16 +152,6 @@ def replay_text_step(row: dict, cfg, detector) -> dict:
     done = _recorded(row)[1][row["start_frame"], row["end_frame"]]
     row.update({k: done[k] for k in TEXT_KEYS}, text_frames=[], text_jpegs=[])
     return reject(row, "text", done["reject_reason"], done["reject_detail"]) if done["reject_stage"] == "text" else row
-
-
-class ReplayText:
-    def __init__(self, cfg) -> None:
-        self.cfg = cfg
-
-    def __call__(self, batch):
-        from cogportrait.curate.steps import apply_step
-
-        return apply_step(replay_text_step, batch, cfg=self.cfg, detector=None)
 
 
 def crop_step(row: dict, cfg, out_dir: str) -> dict:
@@ -182,9 +173,9 @@ def run_one(manifest: Path, workers: int, out: Path, replay: bool = False) -> di
     import pipelines.curate as job
     from cogportrait.config import CurateConfig
 
-    real_steps = job.ScanVideos, job.DetectText, job.crop_step
+    real_steps = job.ScanVideos, job.crop_step
     if replay:
-        job.ScanVideos, job.DetectText, job.crop_step = ReplayScan, ReplayText, crop_step
+        job.ScanVideos, job.crop_step = ReplayScan, crop_step
 
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     # pin this process (and so every Ray process it starts) to `workers` cores: "per core" must
@@ -199,7 +190,7 @@ def run_one(manifest: Path, workers: int, out: Path, replay: bool = False) -> di
     finally:
         ray.shutdown()
         os.sched_setaffinity(0, cores)
-        job.ScanVideos, job.DetectText, job.crop_step = real_steps
+        job.ScanVideos, job.crop_step = real_steps
     return {
         "workers": workers,
         "videos": metrics["manifest_rows"],

@@ -15,7 +15,10 @@ videos, so an interrupted job carries on where it stopped. ``--fresh`` ignores t
 
 Rows between steps are Arrow tables of ``steps.ROW_SCHEMA`` (one operator per step, each a
 ``map_batches`` over one row: a video, then a span), so every block has the same typed columns.
-The scan streams a video's spans shot by shot, so memory stays flat in video length.
+The one exception is the text step, which runs inside the scan's actor: its input is the frames the
+scan kept, which would otherwise travel to another process, and on one core that process cost more
+than the step (bench/curate.py --ray-cost). The scan streams a video's spans shot by shot, so
+memory stays flat in video length.
 
 Deterministic output: Ray hands rows back in completion order, so the driver buffers the table
 rows (small: scores, spans, the crop track) and sorts them before writing; a rerun on the same
@@ -72,13 +75,12 @@ from pipelines._ray import ONE_ROW_PER_BLOCK, one_block_each, start_ray
 
 log = logging.getLogger("cogportrait.curate")
 
-# Logical CPUs per step. The two heavy stages (decode + scenes + faces, and decode + crop +
-# encode) cost about the same per frame and each may use every worker; at 0.45 CPU one of each
-# plus the text actor fit on a single CPU, so the job streams (no stage waits for another to
-# drain) even on a 1-CPU cluster, and at most ~2 heavy processes share a core. The light probe
-# and filter steps ask for the heavy steps' resources so that Ray fuses each into its neighbour.
-HEAVY_CPUS = 0.45
-LIGHT_CPUS = 0.05
+# Logical CPUs per step. The two heavy stages (decode + scenes + faces + text, and decode + crop +
+# encode) cost about the same per frame and each may use every worker; at 0.5 CPU one of each
+# fits on a single CPU, so the job streams (no stage waits for another to drain) even on a 1-CPU
+# cluster, and at most ~2 heavy processes share a core. The light probe and filter steps ask for
+# the heavy steps' resources so that Ray fuses each into its neighbour.
+HEAVY_CPUS = 0.5
 # the video steps get one row (a video) per call, as Arrow; every step returns ROW_SCHEMA tables
 ROWS = {"batch_size": 1, "batch_format": "pyarrow"}
 # the span steps take a few spans per call: a crop is ~0.5 s of work, a Ray task ~0.1 s of
@@ -98,29 +100,21 @@ def per_row(step):
 
 
 class ScanVideos:
-    """Ray actor step: holds one MediaPipe face detector for its lifetime; streams each video's
-    span rows shot by shot (a generator UDF), so a long video never sits whole in a block."""
+    """Ray actor step: holds one MediaPipe face detector and one RapidOCR detection session for its
+    lifetime; streams each video's span rows shot by shot (a generator UDF), so a long video never
+    sits whole in a block. Each span passes the text step here, on the frames the scan kept for it,
+    before it leaves the process: the frames never travel, and the job has one process fewer."""
 
     def __init__(self, cfg: CurateConfig) -> None:
         self.cfg = cfg
         single_threaded()
         self.tracker = FaceTracker(cfg.face_min_confidence, cfg.min_face_px, cfg.multi_face_area_ratio)
+        self.text_detector = TextDetector(cfg.text_det_side_px, threads=1)
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         for row in batch.to_pylist():
             for rows in scan_step(row, cfg=self.cfg, tracker=self.tracker):
-                yield rows_table(rows)
-
-
-class DetectText:
-    """Ray actor step: holds one RapidOCR detection session for its lifetime."""
-
-    def __init__(self, cfg: CurateConfig) -> None:
-        self.cfg = cfg
-        self.detector = TextDetector(cfg.text_det_side_px, threads=1)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return apply_step(text_step, batch, cfg=self.cfg, detector=self.detector)
+                yield rows_table([text_step(r, cfg=self.cfg, detector=self.text_detector) for r in rows])
 
 
 class Totals:
@@ -249,10 +243,9 @@ def _run_videos(cfg: CurateConfig, videos: list[Row], out_dir: Path, journal: Jo
     #                                                                          so Ray fuses it into the scan actor)
     ds = ds.map_batches(per_row(probe_step), fn_kwargs={"cfg": cfg}, **ROWS, num_cpus=HEAVY_CPUS, compute=TaskPoolStrategy(size=heavy))
     # 1:N video -> spans, streamed per shot; ONE decode: scene cuts (scene_downscale_px) and MediaPipe face
-    # samples at 5 Hz, cut to 3-20 s face runs                              (heavy actor: detector loaded once)
+    # samples at 5 Hz, cut to 3-20 s face runs; then 1:1 span -> span, RapidOCR on the frames the
+    # scan kept, in the same process                                        (heavy actor: both models loaded once)
     ds = ds.map_batches(ScanVideos, fn_constructor_kwargs={"cfg": cfg}, **ROWS, compute=ActorPoolStrategy(min_size=1, max_size=heavy), num_cpus=HEAVY_CPUS)
-    # 1:1 span -> span; RapidOCR detection on frames kept by the scan       (light actor: model loaded once)
-    ds = ds.map_batches(DetectText, fn_constructor_kwargs={"cfg": cfg}, **SPANS, compute=ActorPoolStrategy(min_size=1, max_size=heavy), num_cpus=LIGHT_CPUS)
     # 1:1 span -> span; thresholds on sharpness, exposure, motion           (no decode; the crop's resources,
     #                                                                          so Ray fuses it into the crop task)
     ds = ds.map_batches(per_row(filter_step), fn_kwargs={"cfg": cfg}, **SPANS, num_cpus=HEAVY_CPUS, compute=TaskPoolStrategy(size=heavy))
