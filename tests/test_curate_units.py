@@ -11,6 +11,7 @@ from cogportrait.config import ConfigError, CurateConfig
 from cogportrait.curate.crop import crop_frame, crop_frame_yuv420, crop_track
 from cogportrait.curate.filters import TextSample, caption_possible, line_boxes, pair_verdict, quality_decision, text_decision
 from cogportrait.curate.manifest import ManifestError, read_manifest
+from cogportrait.curate.scan import area_shrink
 from cogportrait.curate.spans import Span, apply_duration_limits, segment_face_runs
 from cogportrait.curate.text import band_layout, stack_bands
 from cogportrait.curate.tracking import classify_detections
@@ -113,6 +114,25 @@ def test_yuv420_planes_are_the_decoded_planes_upright_or_rotated():
     turned = yuv420_planes(frame, 1)
     for a, b in zip(turned, (y, u, v)):
         np.testing.assert_array_equal(a, np.rot90(b))
+
+
+def test_the_scene_shrink_is_opencvs_area_average_whole_or_close():
+    """A whole factor is OpenCV's area shrink itself; a fractional one (two steps, the edge
+    pixels a whole first step leaves out) stays within about a level of it on a real frame."""
+    import cv2
+
+    def area(plane, size):
+        return cv2.resize(plane, size, interpolation=cv2.INTER_AREA).astype(np.int16)
+
+    rng = np.random.default_rng(0)
+    plane = rng.integers(0, 256, (720, 1280), dtype=np.uint8)
+    np.testing.assert_array_equal(area_shrink(plane, (128, 72)), area(plane, (128, 72)))
+    y, u, _ = yuv420_planes(_decoded_frame(REPO / "datasets/sample/videos/pyfeat_no_face_animation.mp4"))
+    assert y.shape == (540, 960)
+    for p, size in ((y, (128, 72)), (u, (64, 36))):
+        small = area_shrink(p, size)
+        assert small.shape == size[::-1] and small.dtype == np.uint8
+        assert np.abs(small.astype(np.int16) - area(p, size)).mean() < 2.0
 
 
 def test_planar_crop_paints_the_same_picture_as_the_rgb_crop():

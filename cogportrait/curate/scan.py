@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode
 
+from cogportrait.curate.text import jpeg_bytes
 from cogportrait.curate.tracking import FaceSample, FaceTracker
 from cogportrait.io.video import VideoError, VideoInfo, Yuv420, rotate_image, yuv420_planes
 
@@ -53,10 +54,7 @@ class FrameReservoir:
         self._count += 1
         if k % self.stride:
             return
-        ok, jpg = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, self.quality])
-        if not ok:
-            raise ValueError(f"JPEG encoding of frame {frame_index} failed")
-        self._held.append((k, frame_index, jpg.tobytes()))
+        self._held.append((k, frame_index, jpeg_bytes(rgb, self.quality)))
         if len(self._held) > self.capacity:
             self.stride *= 2
             self._held = [h for h in self._held if h[0] % self.stride == 0]
@@ -211,6 +209,19 @@ def _decode(path, info: VideoInfo, sample_period_s: float, width: int, times: li
 def small_bgr_from_yuv420(planes: Yuv420, tw: int, th: int) -> np.ndarray:
     """Area-shrink each plane of a planar 4:2:0 frame, then convert the small frame to BGR."""
     sizes = ((tw, th), (tw // 2, th // 2), (tw // 2, th // 2))
-    small = [cv2.resize(plane, size, interpolation=cv2.INTER_AREA) for plane, size in zip(planes, sizes)]
+    small = [area_shrink(plane, size) for plane, size in zip(planes, sizes)]
     packed = np.concatenate([p.reshape(-1) for p in small]).reshape(th * 3 // 2, tw)
     return cv2.cvtColor(packed, cv2.COLOR_YUV2BGR_I420)
+
+
+def area_shrink(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Area-average ``plane`` down to ``size`` (w, h): first by the largest whole factor k (OpenCV's
+    fast path, on the plane cut to a multiple of k: at most k - 1 edge pixels left out), then the
+    small remainder. OpenCV's area shrink by a fractional factor is 2-4x slower (960x540 -> 128x72:
+    1.6 against 0.4 ms per frame); the scene cuts are the same on every sample and fixture video.
+    A whole factor (1920 or 1280 wide -> 128) is the one fast step, as before."""
+    k = max(1, min(plane.shape[1] // size[0], plane.shape[0] // size[1]))
+    if k > 1:
+        h, w = plane.shape[0] // k * k, plane.shape[1] // k * k
+        plane = cv2.resize(plane[:h, :w], (w // k, h // k), interpolation=cv2.INTER_AREA)
+    return plane if plane.shape[1::-1] == size else cv2.resize(plane, size, interpolation=cv2.INTER_AREA)

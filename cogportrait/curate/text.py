@@ -146,8 +146,7 @@ class TextDetector:
     def detect(self, rgb: np.ndarray) -> np.ndarray:
         """Text polygons (N x 4 x 2, pixels of ``rgb``) in an RGB image whose sides are multiples
         of 32 (a band stack); other sizes would be resized by the detector."""
-        bgr = np.ascontiguousarray(rgb[..., ::-1])
-        result = self._engine(bgr, use_det=True, use_cls=False, use_rec=False)
+        result = self._engine(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), use_det=True, use_cls=False, use_rec=False)
         boxes = getattr(result, "boxes", None)
         if boxes is None or len(boxes) == 0:
             return np.zeros((0, 4, 2), np.float32)
@@ -157,18 +156,20 @@ class TextDetector:
 def encode_frames(frames: dict[int, np.ndarray], quality: int = 95) -> tuple[list[int], list[bytes]]:
     """Frames as (source indices ascending, one JPEG each): two typed row columns, read back with
     ``decode_frames``. JPEG bytes are image data, not a serialised structure."""
-    indices, jpegs = [], []
-    for idx in sorted(frames):
-        ok, jpg = cv2.imencode(".jpg", np.ascontiguousarray(frames[idx][..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
-        if not ok:
-            raise ValueError(f"JPEG encoding of frame {idx} failed")
-        indices.append(int(idx))
-        jpegs.append(jpg.tobytes())
-    return indices, jpegs
+    indices = sorted(frames)
+    return [int(i) for i in indices], [jpeg_bytes(frames[i], quality) for i in indices]
+
+
+def jpeg_bytes(rgb: np.ndarray, quality: int) -> bytes:
+    """One RGB frame as JPEG bytes (OpenCV encodes BGR)."""
+    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError(f"JPEG encoding of a {rgb.shape} frame failed")
+    return jpg.tobytes()
 
 
 def decode_frames(indices: list[int], jpegs: list[bytes]) -> dict[int, np.ndarray]:
     """RGB frames by source index from ``encode_frames``' two lists."""
     if len(indices) != len(jpegs):
         raise ValueError(f"{len(indices)} frame indices for {len(jpegs)} JPEGs")
-    return {int(i): cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR)[..., ::-1] for i, j in zip(indices, jpegs)}
+    return {int(i): cv2.cvtColor(cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB) for i, j in zip(indices, jpegs)}
