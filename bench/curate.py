@@ -13,9 +13,9 @@ which says how much of a core the job's own steps get.
 
     python bench/curate.py --skip-sample --workers 1 --ray-cost   # also what Ray itself costs
 
-``--ray-cost`` also runs each set through the same DAG with the scan, text and crop steps handing
-back the rows they made in a recording pass over the sample (same rows, blocks, operators and Ray
-processes; no decode, no model): the job's wall time without its library work.
+``--ray-cost`` also runs each set through the same job with the scan, text, filter and crop steps
+handing back the rows they made in a recording pass over the sample (same rows, blocks, operator
+and Ray processes; no scan decode, no model): the job's wall time without its library work.
 """
 
 from __future__ import annotations
@@ -127,40 +127,34 @@ def _recorded(row: dict) -> tuple[list[list[dict]], dict]:
     return RECORDED[re.sub(r"^r\d+_", "", Path(row["path"]).name)]  # replicas are r<k>_<name>
 
 
-class ReplayScan:
-    def __init__(self, cfg) -> None:
-        pass
+class ReplayVideos:
+    """The job's actor with the scan, text, filter and crop handing back what they recorded (the probe is real)."""
+
+    def __init__(self, cfg, out_dir: str) -> None:
+        self.cfg = cfg
 
     def __call__(self, batch):
-        from cogportrait.curate.steps import rejected, rows_table
+        from cogportrait.curate.steps import probe_step, rejected, rows_table
 
         for row in batch.to_pylist():
+            row = probe_step(row, self.cfg)
             if rejected(row):
                 yield rows_table([{**row, "video_rows": 1}])
                 continue
             for shot in _recorded(row)[0]:
                 # the recording's step seconds are not this run's
-                yield rows_table([replay_text_step({**r, **{k: row[k] for k in MANIFEST_KEYS}, "t_scenes": 0.0, "t_track": 0.0})
+                yield rows_table([replay_span({**r, **{k: row[k] for k in MANIFEST_KEYS}, "t_scenes": 0.0, "t_track": 0.0})
                                   for r in shot])
 
 
-def replay_text_step(row: dict) -> dict:
+def replay_span(row: dict) -> dict:
+    """A span as the text, filter and crop steps left it in the recording."""
     from cogportrait.curate.steps import reject, rejected
 
     if rejected(row):
         return row
     done = _recorded(row)[1][row["start_frame"], row["end_frame"]]
     row.update({k: done[k] for k in TEXT_KEYS}, text_frames=[], text_jpegs=[])
-    return reject(row, "text", done["reject_reason"], done["reject_detail"]) if done["reject_stage"] == "text" else row
-
-
-def crop_step(row: dict, cfg, out_dir: str) -> dict:
-    """The crop's replay (named as the step it stands in for: Ray names the operator after it)."""
-    from cogportrait.curate.steps import reject, rejected
-
-    if rejected(row):
-        return row
-    done = _recorded(row)[1][row["start_frame"], row["end_frame"]]
     if done["reject_stage"]:
         return reject(row, done["reject_stage"], done["reject_reason"], done["reject_detail"])
     row.update({k: done[k] for k in CLIP_KEYS})
@@ -173,9 +167,9 @@ def run_one(manifest: Path, workers: int, out: Path, replay: bool = False) -> di
     import pipelines.curate as job
     from cogportrait.config import CurateConfig
 
-    real_steps = job.ScanVideos, job.crop_step
+    real_actor = job.CurateVideos
     if replay:
-        job.ScanVideos, job.crop_step = ReplayScan, crop_step
+        job.CurateVideos = ReplayVideos
 
     os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     # pin this process (and so every Ray process it starts) to `workers` cores: "per core" must
@@ -190,7 +184,7 @@ def run_one(manifest: Path, workers: int, out: Path, replay: bool = False) -> di
     finally:
         ray.shutdown()
         os.sched_setaffinity(0, cores)
-        job.ScanVideos, job.crop_step = real_steps
+        job.CurateVideos = real_actor
     return {
         "workers": workers,
         "videos": metrics["manifest_rows"],

@@ -13,12 +13,13 @@ Resumable: each video whose rows have all arrived is journalled (``cogportrait/c
 a rerun, directly or under ``dvc repro`` (the stage's outputs persist), skips the journalled
 videos, so an interrupted job carries on where it stopped. ``--fresh`` ignores the journal.
 
-Rows between steps are Arrow tables of ``steps.ROW_SCHEMA`` (one operator per step, each a
-``map_batches`` over one row: a video, then a span), so every block has the same typed columns.
-The one exception is the text step, which runs inside the scan's actor: its input is the frames the
-scan kept, which would otherwise travel to another process, and on one core that process cost more
-than the step (bench/curate.py --ray-cost). The scan streams a video's spans shot by shot, so
-memory stays flat in video length.
+One Ray actor per core runs a video's steps in order (``CurateVideos``): the probe, then the scan,
+which streams the video's spans shot by shot (memory stays flat in video length), then text,
+quality/motion and crop on each span. A video is the unit of parallelism: the scan and the crop
+both decode, and in separate processes they shared each core and paid Ray's hand-off per span
+(bench/curate.py, x10 sample on one core: 153-155 s in one process against 167-171 s in two,
+and 1.96x that on two cores); one long video then runs on one core. Rows leave the actor as Arrow
+tables of ``steps.ROW_SCHEMA``, so every block has the same typed columns.
 
 Deterministic output: Ray hands rows back in completion order, so the driver buffers the table
 rows (small: scores, spans, the crop track) and sorts them before writing; a rerun on the same
@@ -44,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from ray.data import ActorPoolStrategy, TaskPoolStrategy
+from ray.data import ActorPoolStrategy
 from tqdm import tqdm
 
 from cogportrait.config import CurateConfig
@@ -53,7 +54,6 @@ from cogportrait.curate.manifest import read_manifest
 from cogportrait.curate.steps import (
     CLIPS_SORT_KEYS,
     Row,
-    apply_step,
     clip_record,
     crop_step,
     filter_step,
@@ -75,46 +75,41 @@ from pipelines._ray import ONE_ROW_PER_BLOCK, one_block_each, start_ray
 
 log = logging.getLogger("cogportrait.curate")
 
-# Logical CPUs per step. The two heavy stages (decode + scenes + faces + text, and decode + crop +
-# encode) cost about the same per frame and each may use every worker; at 0.5 CPU one of each
-# fits on a single CPU, so the job streams (no stage waits for another to drain) even on a 1-CPU
-# cluster, and at most ~2 heavy processes share a core. The light probe and filter steps ask for
-# the heavy steps' resources so that Ray fuses each into its neighbour.
-HEAVY_CPUS = 0.5
-# the video steps get one row (a video) per call, as Arrow; every step returns ROW_SCHEMA tables
+# The job's one operator takes one row (a video) per call, as Arrow, and returns ROW_SCHEMA tables.
 ROWS = {"batch_size": 1, "batch_format": "pyarrow"}
-# the span steps take a few spans per call: a crop is ~0.5 s of work, a Ray task ~0.1 s of
-# overhead on one core (bench/curate.py: 10 % faster on the 10x sample), and short videos make
-# many short spans
-SPANS = {"batch_size": 4, "batch_format": "pyarrow"}
+# One actor per worker: the pool's size (num_workers) sets the parallelism, so the logical CPUs asked
+# only admit it; half a CPU each lets the job start on a joined cluster with fewer free CPUs.
+ACTOR_CPUS = 0.5
 
 
-def per_row(step):
-    """A Ray-free row step (row -> row, or row -> rows) as a batch function named after it."""
+class CurateVideos:
+    """Ray actor: holds one MediaPipe face detector and one RapidOCR detection session for its
+    lifetime, and runs each video through every step, yielding its span rows shot by shot (a
+    generator UDF), so a long video never sits whole in a block."""
 
-    def run_step(batch: pa.Table, **kwargs) -> pa.Table:
-        return apply_step(step, batch, **kwargs)
-
-    run_step.__name__ = run_step.__qualname__ = step.__name__
-    return run_step
-
-
-class ScanVideos:
-    """Ray actor step: holds one MediaPipe face detector and one RapidOCR detection session for its
-    lifetime; streams each video's span rows shot by shot (a generator UDF), so a long video never
-    sits whole in a block. Each span passes the text step here, on the frames the scan kept for it,
-    before it leaves the process: the frames never travel, and the job has one process fewer."""
-
-    def __init__(self, cfg: CurateConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: CurateConfig, out_dir: str) -> None:
+        self.cfg, self.out_dir = cfg, out_dir
         single_threaded()
         self.tracker = FaceTracker(cfg.face_min_confidence, cfg.min_face_px, cfg.multi_face_area_ratio)
         self.text_detector = TextDetector(cfg.text_det_side_px, threads=1)
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
-        for row in batch.to_pylist():
-            for rows in scan_step(row, cfg=self.cfg, tracker=self.tracker):
-                yield rows_table([text_step(r, cfg=self.cfg, detector=self.text_detector) for r in rows])
+        for video in batch.to_pylist():
+            # 1:1 video -> video; opens the file, decodes one frame
+            video = probe_step(video, self.cfg)
+            # 1:N video -> spans, streamed per shot; ONE decode: scene cuts (scene_downscale_px) and
+            # MediaPipe face samples at 5 Hz, cut to 3-20 s face runs
+            for spans in scan_step(video, cfg=self.cfg, tracker=self.tracker):
+                yield rows_table([self.finish_span(span) for span in spans])
+
+    def finish_span(self, span: Row) -> Row:
+        cfg = self.cfg
+        # 1:1 span -> span; RapidOCR on the frames the scan kept: captions and tickers
+        span = text_step(span, cfg=cfg, detector=self.text_detector)
+        # 1:1 span -> span; thresholds on sharpness, exposure, motion (no decode)
+        span = filter_step(span, cfg=cfg)
+        # 1:1 span -> clip; decode, crop, resample to 25 fps, x264; audio wav
+        return crop_step(span, cfg=cfg, out_dir=self.out_dir)
 
 
 class Totals:
@@ -236,21 +231,12 @@ def run(cfg: CurateConfig, fresh: bool = False) -> dict:
 def _run_videos(cfg: CurateConfig, videos: list[Row], out_dir: Path, journal: Journal, totals: Totals) -> None:
     """The Ray Data job over ``videos``; each finished video goes to the journal and the totals."""
     start_ray(cfg.num_workers, ONE_ROW_PER_BLOCK)
-    heavy = cfg.num_workers  # slots for each of the two heavy stages
     # one block per video, typed by ROW_SCHEMA from the start
     ds = one_block_each([rows_table([new_row(r)]) for r in videos])
-    # 1:1 video -> video; opens the file, decodes one frame                  (light; the scan's resources,
-    #                                                                          so Ray fuses it into the scan actor)
-    ds = ds.map_batches(per_row(probe_step), fn_kwargs={"cfg": cfg}, **ROWS, num_cpus=HEAVY_CPUS, compute=TaskPoolStrategy(size=heavy))
-    # 1:N video -> spans, streamed per shot; ONE decode: scene cuts (scene_downscale_px) and MediaPipe face
-    # samples at 5 Hz, cut to 3-20 s face runs; then 1:1 span -> span, RapidOCR on the frames the
-    # scan kept, in the same process                                        (heavy actor: both models loaded once)
-    ds = ds.map_batches(ScanVideos, fn_constructor_kwargs={"cfg": cfg}, **ROWS, compute=ActorPoolStrategy(min_size=1, max_size=heavy), num_cpus=HEAVY_CPUS)
-    # 1:1 span -> span; thresholds on sharpness, exposure, motion           (no decode; the crop's resources,
-    #                                                                          so Ray fuses it into the crop task)
-    ds = ds.map_batches(per_row(filter_step), fn_kwargs={"cfg": cfg}, **SPANS, num_cpus=HEAVY_CPUS, compute=TaskPoolStrategy(size=heavy))
-    # 1:1 span -> clip; decode, crop, resample to 25 fps, x264; audio wav   (heavy)
-    ds = ds.map_batches(per_row(crop_step), fn_kwargs={"cfg": cfg, "out_dir": str(out_dir)}, **SPANS, num_cpus=HEAVY_CPUS, compute=TaskPoolStrategy(size=heavy))
+    # 1:N video -> its span rows: probe, scan, text, quality/motion, crop      (one actor per core, both
+    #                                                                          models loaded once)
+    ds = ds.map_batches(CurateVideos, fn_constructor_kwargs={"cfg": cfg, "out_dir": str(out_dir)}, **ROWS,
+                        compute=ActorPoolStrategy(size=min(cfg.num_workers, len(videos))), num_cpus=ACTOR_CPUS)
 
     open_videos: dict[str, VideoRows] = {}
     with tqdm(total=len(videos), desc="curate", unit="video", disable=None) as bar:

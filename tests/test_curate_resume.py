@@ -25,8 +25,8 @@ from cogportrait.curate.journal import Journal, settings_key
 from pipelines.curate import run
 
 SAMPLE = Path(__file__).resolve().parents[1] / "datasets" / "sample"
-# short real clips (one clip each), one of them under several ids: more spans than one crop task
-# takes (pipelines/curate.py SPANS), so the first videos finish while the others still run
+# short real clips (one clip each), one of them under several ids: the one worker finishes the first
+# videos while the others wait
 VIDEOS = [
     *((f"d0_{k}", "lp_d0_man_greenscreen_gaze_blink.mp4") for k in range(6)),
     ("d20", "lp_d20_man_talking_outdoor_audio.mp4"),

@@ -2,7 +2,7 @@
 
 A row is one video, then one span of it. Every row carries every key of ``ROW_SCHEMA`` with
 one declared type: arrays travel as typed list columns (frame times, face track, crop track),
-never as JSON strings or raw bytes, and ``apply_step`` turns a step's output rows into an Arrow
+never as JSON strings or raw bytes, and ``rows_table`` turns rows into an Arrow
 table of that schema, so every Ray block has the same schema (an empty list on a rejected row
 stays ``list<double>``, not ``list<null>``). A rejected row keeps flowing through later steps
 untouched, so every input ends in exactly one output row: a clip, or a reject with a reason from
@@ -12,7 +12,7 @@ the closed vocabulary.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,15 +80,6 @@ def rows_table(rows: list[Row]) -> pa.Table:
         if row.keys() != ROW_DEFAULTS.keys():
             raise KeyError(f"row keys differ from ROW_SCHEMA: {sorted(row.keys() ^ ROW_DEFAULTS.keys())}")
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
-
-
-def apply_step(step: Callable[..., Row | list[Row]], batch: pa.Table, **kwargs: Any) -> pa.Table:
-    """Run a row step (1:1 or 1:N) over every row of an Arrow batch; the result is typed by ROW_SCHEMA."""
-    out: list[Row] = []
-    for row in batch.to_pylist():
-        result = step(row, **kwargs)
-        out.extend(result if isinstance(result, list) else [result])
-    return rows_table(out)
 
 
 def new_row(manifest_row: Row) -> Row:
