@@ -17,8 +17,8 @@ One Ray actor per core runs a video's steps in order (``CurateVideos``): the pro
 which streams the video's spans shot by shot (memory stays flat in video length), then text,
 quality/motion and crop on each span. A video is the unit of parallelism: the scan and the crop
 both decode, and in separate processes they shared each core and paid Ray's hand-off per span
-(bench/curate.py, x10 sample on one core: 153-155 s in one process against 167-171 s in two,
-and 1.96x that on two cores); one long video then runs on one core. Rows leave the actor as Arrow
+(bench/curate.py, x10 sample on one core: 151-155 s in one process against 166-171 s in two,
+and 1.92-1.95x that on two cores); one long video then runs on one core. Rows leave the actor as Arrow
 tables of ``steps.ROW_SCHEMA``, so every block has the same typed columns.
 
 Deterministic output: Ray hands rows back in completion order, so the driver buffers the table
