@@ -35,10 +35,11 @@ def test_reservoir_stays_bounded_and_evenly_spread():
     assert sorted(tail.frames()) == held[len(held) // 2:] and sorted(res.frames()) == held[: len(held) // 2]
 
 
-def test_scan_streams_shots_at_the_cuts_with_samples_on_a_time_grid():
+def test_scan_streams_shots_at_the_cuts_with_samples_on_a_time_grid(request):
     cfg = CurateConfig()
     info = probe_video(MULTISHOT)
     tracker = FaceTracker(cfg.face_min_confidence, cfg.min_face_px, cfg.multi_face_area_ratio)
+    request.addfinalizer(tracker.close)  # a detector left to the interpreter's exit makes MediaPipe print a TypeError
     scan, shots = scan_video(MULTISHOT, info, tracker, 1 / cfg.track_fps, cfg.scene_detector, cfg.scene_threshold,
                              cfg.scene_min_len_frames, cfg.scene_downscale_px, text_capacity=6, text_stride=2)
     seen, sample_frames = [], []
@@ -66,12 +67,13 @@ def _curate_one(path: Path, out: Path, cfg: CurateConfig, tracker: FaceTracker, 
             for spans in scan_step(row, cfg, tracker) for span in spans]
 
 
-def test_a_stream_that_starts_late_is_cut_on_its_own_timeline(tmp_path):
+def test_a_stream_that_starts_late_is_cut_on_its_own_timeline(tmp_path, request):
     """The same packets with timestamps from 1 s (MPEG-TS): the same spans, the same clip frames
     and the audio of the same moments. Spans count from the first video frame; a crop that took
     them as stream times held its first frame and ran 1 s late, and its audio was 1 s early."""
     cfg = CurateConfig()
     tracker = FaceTracker(cfg.face_min_confidence, cfg.min_face_px, cfg.multi_face_area_ratio)
+    request.addfinalizer(tracker.close)
     detector = TextDetector(cfg.text_det_side_px, threads=1)
     late = late_start_variant(TALKING_WITH_AUDIO, tmp_path / "late.ts", delay_s=1.0)
     assert probe_video(late).start_time_s >= 1.0 and probe_video(TALKING_WITH_AUDIO).start_time_s == 0.0
