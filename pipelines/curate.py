@@ -64,7 +64,6 @@ from cogportrait.curate.steps import (
     rejected,
     rows_table,
     scan_step,
-    single_threaded,
     text_step,
 )
 from cogportrait.curate.text import TextDetector
@@ -75,8 +74,6 @@ from pipelines._ray import ONE_ROW_PER_BLOCK, one_block_each, start_ray
 
 log = logging.getLogger("cogportrait.curate")
 
-# The job's one operator takes one row (a video) per call, as Arrow, and returns ROW_SCHEMA tables.
-ROWS = {"batch_size": 1, "batch_format": "pyarrow"}
 # One actor per worker: the pool's size (num_workers) sets the parallelism, so the logical CPUs asked
 # only admit it; half a CPU each lets the job start on a joined cluster with fewer free CPUs.
 ACTOR_CPUS = 0.5
@@ -89,7 +86,6 @@ class CurateVideos:
 
     def __init__(self, cfg: CurateConfig, out_dir: str) -> None:
         self.cfg, self.out_dir = cfg, out_dir
-        single_threaded()
         self.tracker = FaceTracker(cfg.face_min_confidence, cfg.min_face_px, cfg.multi_face_area_ratio)
         self.text_detector = TextDetector(cfg.text_det_side_px, threads=1)
 
@@ -235,7 +231,8 @@ def _run_videos(cfg: CurateConfig, videos: list[Row], out_dir: Path, journal: Jo
     ds = one_block_each([rows_table([new_row(r)]) for r in videos])
     # 1:N video -> its span rows: probe, scan, text, quality/motion, crop      (one actor per core, both
     #                                                                          models loaded once)
-    ds = ds.map_batches(CurateVideos, fn_constructor_kwargs={"cfg": cfg, "out_dir": str(out_dir)}, **ROWS,
+    ds = ds.map_batches(CurateVideos, fn_constructor_kwargs={"cfg": cfg, "out_dir": str(out_dir)},
+                        batch_size=1, batch_format="pyarrow",
                         compute=ActorPoolStrategy(size=min(cfg.num_workers, len(videos))), num_cpus=ACTOR_CPUS)
 
     open_videos: dict[str, VideoRows] = {}
